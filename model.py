@@ -1,0 +1,649 @@
+"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3, with its config, processor and checkpoints.
+
+An image takes one path, in training and in generation:
+    PhiClipProcessor: prompt format -> tokens, each <|placeholder1|> expanded to `num_image_tokens` ids, labels
+    PhiClipMLLM.forward: CLIP (stopped at the feature layer) -> adapter -> masked_scatter into text embeddings -> LM
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import is_torchvision_available
+
+logger = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<|placeholder1|>"
+ANSWER_SEPARATOR = "<|placeholder2|>"  # the seed format puts it between prompt and answer
+REQUIRED_TOKENS = (
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<|endoftext|>",
+)
+PROMPT_FORMATS = ("chat", "seed")
+ADAPTER_FILE = "adapter.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+
+@dataclass
+class PhiClipConfig:
+    """Everything needed to rebuild a PhiClipMLLM; saved as config.json in each checkpoint directory.
+
+    `text_model` / `vision_model` are a hub id or local path, or a dict of model-config values with `model_type`
+    (`phi3`, `clip_vision_model`) for a randomly initialised backbone.
+    """
+
+    text_model: str | dict = "microsoft/Phi-3-mini-4k-instruct"
+    vision_model: str | dict = "openai/clip-vit-large-patch14"
+    tokenizer: str | None = None  # defaults to text_model when that is a name/path
+    adapter_dim: int | None = 1024  # hidden width of the MLP adapter; None = a single linear layer
+    adapter_activation: str = "gelu"
+    normalize: bool = True  # L2-normalise projected image embeddings, as the seed did
+    vision_feature_layer: int = -1  # hidden_states index: -1 = last layer (seed), -2 = LLaVA's choice
+    keep_cls: bool = True  # the seed keeps CLS (257 tokens for CLIP-L/14 at 224 px), LLaVA drops it (256)
+    prompt_format: str = "chat"  # "chat" (Phi-3 chat template) or "seed" (the original raw text)
+    max_length: int = 1024  # tokens per sample, image tokens included
+    attn_implementation: str = "sdpa"
+    lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
+    lora_vision: dict | None = None
+    saved_backbones: list[str] = field(default_factory=list)  # backbones stored in full inside the checkpoint
+
+    def __post_init__(self) -> None:
+        for key in ("text_model", "vision_model"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                if "model_type" not in value:
+                    raise ValueError(
+                        f"model.{key}: an inline config needs a 'model_type' key, got {sorted(value)}"
+                    )
+            elif not isinstance(value, str) or not value:
+                raise ValueError(
+                    f"model.{key}: expected a hub id, a local path or a config dict, got {value!r}"
+                )
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
+            )
+        if self.adapter_activation not in ACT2FN:
+            raise ValueError(f"model.adapter_activation: unknown activation {self.adapter_activation!r}")
+        if self.adapter_dim is not None and (not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0):
+            raise ValueError(
+                f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}"
+            )
+        if not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"model.max_length: expected a positive integer, got {self.max_length!r}")
+        if not isinstance(self.vision_feature_layer, int):
+            raise ValueError(
+                f"model.vision_feature_layer: expected an integer, got {self.vision_feature_layer!r}"
+            )
+        if self.tokenizer is None and isinstance(self.text_model, dict):
+            raise ValueError("model.tokenizer: required when model.text_model is an inline config dict")
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model") -> PhiClipConfig:
+        """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PhiClipOutput(ModelOutput):
+    """`logits` are (batch, seq, vocab) without labels; with labels only the supervised positions' (n, vocab)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class MultimodalProjector(nn.Module):
+    """Maps CLIP patch embeddings into the LM's embedding space: Linear -> act -> Linear (or one Linear)."""
+
+    def __init__(
+        self, vision_dim: int, text_dim: int, hidden_dim: int | None = 1024, activation: str = "gelu",
+        normalize: bool = True,
+    ):  # fmt: skip
+        super().__init__()
+        if hidden_dim is None:
+            self.layers = nn.Sequential(nn.Linear(vision_dim, text_dim))
+        else:
+            self.layers = nn.Sequential(
+                nn.Linear(vision_dim, hidden_dim), ACT2FN[activation], nn.Linear(hidden_dim, text_dim)
+            )
+        self.normalize = normalize
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        projected = self.layers(image_features)
+        return F.normalize(projected, dim=-1) if self.normalize else projected
+
+
+class PhiClipProcessor:
+    """Text + images -> model inputs, for training (answers, right padding) and generation (left padding).
+
+    It applies the prompt format, tokenises each whole conversation once, marks as supervised exactly the
+    characters of each answer plus its end token (via offsets, so no token boundary is guessed), and expands every
+    <|placeholder1|> into `num_image_tokens` ids so masks, positions and labels line up with the image embeddings.
+    """
+
+    def __init__(self, tokenizer, image_processor, num_image_tokens: int, prompt_format: str = "chat",
+                 max_length: int | None = None):  # fmt: skip
+        missing = [t for t in REQUIRED_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks the Phi-3 special tokens {missing}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = num_image_tokens
+        self.prompt_format = prompt_format
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.end_token = "<|end|>" if prompt_format == "chat" else "<|endoftext|>"
+        self.stop_token_ids = sorted(
+            {tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")}
+        )
+        # Padding is masked out of attention and labels by position, so its id never matters; the seed's bug was
+        # deriving labels from pad == EOS, which this processor never does.
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+    def format_conversation(self, conversation: list[dict], add_generation_prompt: bool = False):
+        """Return (text, supervised character spans) for a list of {"role", "content"} turns."""
+        text, spans = "", []
+        if (
+            len(conversation) == 1
+            and conversation[0]["role"] == "user"
+            and any(tag in conversation[0]["content"] for tag in ("<|user|>", "<|assistant|>"))
+        ):  # already in chat markup: take it verbatim
+            text = conversation[0]["content"]
+            if add_generation_prompt and not text.rstrip().endswith("<|assistant|>"):
+                text += "<|assistant|>\n"
+            return text, spans
+        for turn in conversation:
+            role, content = turn["role"], turn["content"].strip()
+            if role == "user":
+                text += f"<|user|>\n{content}<|end|>\n" if self.prompt_format == "chat" else f"{content} "
+                text += "" if self.prompt_format == "chat" else f"{ANSWER_SEPARATOR} "
+            elif role == "assistant":
+                text += "<|assistant|>\n" if self.prompt_format == "chat" else ""
+                start = len(text)
+                text += content + self.end_token
+                spans.append((start, len(text)))
+                text += "\n" if self.prompt_format == "chat" else " "
+            else:
+                raise ValueError(f"conversation role must be 'user' or 'assistant', got {role!r}")
+        if add_generation_prompt and self.prompt_format == "chat":
+            text += "<|assistant|>\n"
+        return text, spans
+
+    def __call__(
+        self,
+        prompts: str | list[str] | None = None,
+        images: Any = None,
+        answers: list[str] | None = None,
+        *,
+        conversations: list[list[dict]] | None = None,
+        padding_side: str = "right",
+        add_generation_prompt: bool = False,
+        drop_unsupervised: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise a batch. Give `prompts` (+ optional `answers`) or `conversations`; `images` per sample.
+
+        `images`: None, one image (for one prompt), a list with one image (or None) per sample, or a list of lists.
+        Returns input_ids, attention_mask, labels (when answers are given) and pixel_values (when images are).
+        """
+        if conversations is None:
+            if prompts is None:
+                raise ValueError("give either prompts or conversations")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if answers is not None and len(answers) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+            conversations = [
+                [{"role": "user", "content": p}]
+                + ([{"role": "assistant", "content": answers[i]}] if answers else [])
+                for i, p in enumerate(prompts)
+            ]
+        images = _images_per_sample(images, len(conversations))
+        formatted = [self.format_conversation(c, add_generation_prompt) for c in conversations]
+        encoded = self.tokenizer(
+            [text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True
+        )
+        rows, kept_images, dropped = [], [], 0
+        for i, ((_, spans), ids, offsets) in enumerate(
+            zip(formatted, encoded["input_ids"], encoded["offset_mapping"])
+        ):
+            ids, starts = (
+                np.asarray(ids, dtype=np.int64),
+                np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0],
+            )
+            supervised = np.zeros(len(ids), dtype=bool)
+            for start, end in spans:
+                supervised |= (starts >= start) & (starts < end)
+            n_placeholders = int((ids == self.image_token_id).sum())
+            if n_placeholders != len(images[i]):
+                raise ValueError(
+                    f"sample {i}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the text but "
+                    f"{len(images[i])} image(s) given"
+                )
+            repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
+            ids, supervised = np.repeat(ids, repeats), np.repeat(supervised, repeats)
+            if self.max_length is not None and len(ids) > self.max_length:
+                image_positions = np.flatnonzero(ids == self.image_token_id)
+                if len(image_positions) and image_positions[-1] >= self.max_length or not spans:
+                    raise ValueError(
+                        f"sample {i} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
+                        f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
+                        f"{'image' if len(image_positions) else 'prompt'}; raise model.max_length or shorten it"
+                    )
+                ids, supervised = ids[: self.max_length], supervised[: self.max_length]
+            if spans and not supervised[1:].any():
+                if not drop_unsupervised:
+                    raise ValueError(
+                        f"sample {i} has no supervised answer tokens left after truncation to max_length="
+                        f"{self.max_length}; raise model.max_length or shorten the prompt"
+                    )
+                dropped += 1
+                continue
+            labels = np.where(supervised, ids, -100)
+            rows.append((ids, labels))
+            kept_images.extend(images[i])
+        if dropped:
+            logger.warning("dropped %d sample(s) whose answer was truncated away (max_length=%s)", dropped,
+                           self.max_length)  # fmt: skip
+        if not rows:
+            raise ValueError("every sample of the batch was dropped: no supervised tokens left")
+        batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
+        if kept_images:
+            from dataset import load_image  # dataset.py owns robust image decoding (EXIF, modes, bombs)
+
+            pil_images = [load_image(image) for image in kept_images]
+            batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")[
+                "pixel_values"
+            ]
+        return batch
+
+    def _pad(self, rows: list, padding_side: str, with_labels: bool) -> dict[str, torch.Tensor]:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(rows):
+            span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, span] = torch.from_numpy(ids)
+            attention_mask[row, span] = 1
+            labels[row, span] = torch.from_numpy(row_labels)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_labels:
+            batch["labels"] = labels
+        return batch
+
+
+def _images_per_sample(images: Any, batch_size: int) -> list[list]:
+    if images is None:
+        return [[] for _ in range(batch_size)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if all(isinstance(item, (list, tuple)) for item in images) and len(images) == batch_size:
+        return [list(item) for item in images]
+    if len(images) == batch_size:
+        return [[] if item is None else [item] for item in images]
+    if batch_size == 1:
+        return [list(images)]
+    raise ValueError(f"{batch_size} prompts but {len(images)} images: give one image (or list) per prompt")
+
+
+def _image_processor_class():
+    # transformers' default CLIP processor needs torchvision; the PIL one gives the same pixels without it.
+    from transformers import CLIPImageProcessor
+
+    if is_torchvision_available():
+        return CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil
+
+
+class PhiClipMLLM(nn.Module):
+    """CLIP vision tower -> MultimodalProjector -> Phi-3, with image embeddings scattered over placeholder ids."""
+
+    accepts_loss_kwargs = (
+        True  # tells HF Trainer to pass num_items_in_batch (exact loss under grad accumulation)
+    )
+
+    def __init__(self, config: PhiClipConfig, checkpoint_dir: str | Path | None = None,
+                 dtype: torch.dtype | None = None, tokenizer=None, image_processor=None):  # fmt: skip
+        super().__init__()
+        self.config = config = copy.deepcopy(config)
+        ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.tokenizer = tokenizer or _load_tokenizer(config, ckpt)
+        self.text_model = _load_backbone(config, "text", ckpt, dtype, self.tokenizer)
+        vision_model = _load_backbone(config, "vision", ckpt, dtype, self.tokenizer)
+        vision_config = vision_model.config
+        # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
+        encoder = getattr(vision_model, "vision_model", vision_model).encoder  # older transformers nest it
+        used_layers = self._resolve_feature_layer(config.vision_feature_layer, len(encoder.layers))
+        config.vision_feature_layer = used_layers  # non-negative from here on, so truncation is idempotent
+        encoder.layers = encoder.layers[:used_layers]
+        vision_config.num_hidden_layers = used_layers
+        self.vision_model = vision_model
+        self.vision_adapter = MultimodalProjector(
+            vision_config.hidden_size, self.text_model.config.hidden_size, config.adapter_dim,
+            config.adapter_activation, config.normalize,
+        )  # fmt: skip
+        patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        self.num_image_tokens = patches + (1 if config.keep_cls else 0)
+        if image_processor is None:
+            image_processor = _load_image_processor(config, ckpt, vision_config.image_size)
+        self.processor = PhiClipProcessor(
+            self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
+        )
+        self.image_token_id = self.processor.image_token_id
+
+    @staticmethod
+    def _resolve_feature_layer(layer: int, total_layers: int) -> int:
+        # hidden_states has total_layers + 1 entries (the embeddings first): index k is the output of k layers.
+        used = layer if layer >= 0 else total_layers + 1 + layer
+        if not 1 <= used <= total_layers:
+            raise ValueError(
+                f"model.vision_feature_layer={layer} is outside the vision model's {total_layers} layers "
+                f"(use 1..{total_layers} or -1..-{total_layers})"
+            )
+        return used
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n_images, 3, H, W) -> (n_images, num_image_tokens, text hidden size)."""
+        vision_dtype = next(self.vision_model.parameters()).dtype
+        # A frozen tower needs no graph; with LoRA on it, gradients must flow (LLaVA's no_grad would block them).
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            features = self.vision_model(pixel_values=pixel_values.to(vision_dtype)).last_hidden_state
+        if not self.config.keep_cls:
+            features = features[:, 1:]
+        adapter_dtype = next(self.vision_adapter.parameters()).dtype
+        return self.vision_adapter(features.to(adapter_dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Text embeddings with each image's embeddings written over its placeholder positions."""
+        embeddings = self.text_model.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.image_token_id
+        n_slots, n_images = int(image_mask.sum()), 0 if pixel_values is None else pixel_values.shape[0]
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"{n_slots} image-token positions ({n_slots / self.num_image_tokens:g} placeholders of "
+                f"{self.num_image_tokens}) but {n_images} images; use the model's processor to build inputs"
+            )
+        if n_images:
+            image_embeddings = self.encode_images(pixel_values).to(embeddings.dtype)
+            embeddings = embeddings.masked_scatter(image_mask.unsqueeze(-1), image_embeddings)
+        return embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> PhiClipOutput:
+        """Logits for every position, or (with labels) the mean loss over supervised positions only."""
+        embeddings = self.embed(input_ids, pixel_values)
+        if position_ids is None and attention_mask is not None:
+            # Positions count real tokens only, so a left-padded sample sees the positions it would see alone.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.text_model.get_decoder()(
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        lm_head = self.text_model.get_output_embeddings()
+        if labels is None:
+            return PhiClipOutput(logits=lm_head(hidden))
+        # Project only the supervised positions: full-vocabulary logits for the image and prompt would be waste.
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logits = lm_head(hidden[:, :-1][supervised]).float()
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
+        return PhiClipOutput(loss=loss / denominator, logits=logits)
+
+    # ------------------------------------------------------------------------------------------------ phases
+    def prime_model(self, phase: str = "one") -> PhiClipMLLM:
+        """Phase one: freeze both backbones, train the adapter (kept in fp32 for mixed precision)."""
+        if phase != "one":
+            raise ValueError(f"prime_model: phase must be 'one' (phase two is setup_lora), got {phase!r}")
+        self.requires_grad_(False)
+        self.vision_adapter.float().requires_grad_(True)
+        return self
+
+    def setup_lora(self, text_lora: dict | None = None, vision_lora: dict | None = None) -> PhiClipMLLM:
+        """Phase two: add peft LoRA to the backbones; train LoRA + adapter, freeze everything else."""
+        from peft import LoraConfig, get_peft_model
+
+        self.requires_grad_(False)
+        for name, settings in (("text", text_lora), ("vision", vision_lora)):
+            if not settings:
+                continue
+            backbone = getattr(self, f"{name}_model")
+            settings = dict(settings)
+            _check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
+            setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
+            setattr(self.config, f"lora_{name}", settings)
+        self.vision_adapter.float().requires_grad_(True)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward for the LM (and the vision tower when it trains LoRA)."""
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        self.text_model.gradient_checkpointing_enable(**kwargs)
+        if any(p.requires_grad for p in self.vision_model.parameters()):
+            self.vision_model.gradient_checkpointing_enable(**kwargs)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and trainable parameter counts (meta-device models included)."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total": total, "trainable": trainable}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
+        """Write a complete checkpoint directory (atomically: it is complete or absent).
+
+        Backbone weights are written only where they cannot be re-loaded from their name/path: random-init or
+        already-saved backbones, and LoRA-merged ones. `merge_lora=True` merges LoRA into the live model in place
+        (its outputs are unchanged) and saves plain backbones.
+        """
+        from peft import PeftModel
+
+        directory = Path(directory)
+        staging = directory.with_name(directory.name + ".incomplete")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        config = copy.deepcopy(self.config)
+        for name in ("text", "vision"):
+            backbone = getattr(self, f"{name}_model")
+            has_lora = isinstance(backbone, PeftModel)
+            if has_lora and merge_lora:
+                backbone = backbone.merge_and_unload()
+                setattr(self, f"{name}_model", backbone)
+                setattr(self.config, f"lora_{name}", None)
+                setattr(config, f"lora_{name}", None)
+                has_lora = False
+            elif has_lora:
+                backbone.save_pretrained(staging / f"lora_{name}")
+            stored = f"{name}_model" in config.saved_backbones
+            if isinstance(getattr(config, f"{name}_model"), dict) or stored or merge_lora:
+                base = backbone.get_base_model() if has_lora else backbone
+                base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
+                if not stored:
+                    config.saved_backbones.append(f"{name}_model")
+                    if merge_lora:
+                        self.config.saved_backbones.append(f"{name}_model")
+        adapter_state = {k: v.detach().contiguous() for k, v in self.vision_adapter.state_dict().items()}
+        save_file(adapter_state, staging / ADAPTER_FILE)
+        self.tokenizer.save_pretrained(staging)
+        self.image_processor.save_pretrained(staging)
+        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        trainable: bool = False,
+    ) -> PhiClipMLLM:
+        """Restore a checkpoint directory written by save_pretrained (or a file inside it).
+
+        `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume).
+        """
+        from peft import PeftModel
+
+        path = Path(path)
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                raise ValueError(
+                    f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
+                    f"Load a directory written by save_pretrained (config.json + {ADAPTER_FILE})"
+                )
+            path = path.parent
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})"
+            )
+        if not (path / ADAPTER_FILE).is_file():
+            raise FileNotFoundError(f"{path}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
+        config = PhiClipConfig.from_dict(
+            json.loads((path / "config.json").read_text()), where=str(path / "config.json")
+        )
+        model = cls(config, checkpoint_dir=path, dtype=dtype)
+        for name in ("text", "vision"):
+            if getattr(config, f"lora_{name}"):
+                lora_dir = path / f"lora_{name}"
+                if not (lora_dir / "adapter_config.json").is_file():
+                    raise FileNotFoundError(
+                        f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})"
+                    )
+                backbone = getattr(model, f"{name}_model")
+                setattr(
+                    model,
+                    f"{name}_model",
+                    PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable),
+                )
+        model.vision_adapter.load_state_dict(load_file(path / ADAPTER_FILE))
+        model.requires_grad_(False)
+        if trainable:
+            model.vision_adapter.float().requires_grad_(True)
+            for parameter_name, parameter in model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.requires_grad_(True)
+        if dtype is not None:
+            model.vision_adapter.to(dtype if not trainable else torch.float32)
+        return model.to(device) if device is not None else model
+
+
+def _without_lora(state_dict: dict) -> dict:
+    # A LoRA-wrapped layer stores its frozen weight as `<layer>.base_layer.weight`; give back the plain names.
+    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
+
+
+def _check_lora_targets(backbone: nn.Module, targets, where: str) -> None:
+    # peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
+    if not targets:
+        raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    linear_names = {
+        name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)
+    }
+    dead = [t for t in targets if t not in linear_names]
+    if dead:
+        raise ValueError(
+            f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "
+            f"available: {sorted(linear_names)}"
+        )
+
+
+def _load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
+    source = checkpoint_dir or config.tokenizer or config.text_model
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except OSError as error:
+        raise OSError(f"model.tokenizer: cannot load a tokenizer from {str(source)!r} ({error})") from error
+
+
+def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int):
+    processor_class = _image_processor_class()
+    if checkpoint_dir is not None:
+        return processor_class.from_pretrained(str(checkpoint_dir))
+    if isinstance(config.vision_model, str):
+        return processor_class.from_pretrained(config.vision_model)
+    # An inline (random) tower: CLIP's preprocessing at the tower's resolution.
+    return processor_class(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def _load_backbone(
+    config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer
+) -> nn.Module:
+    source = getattr(config, f"{name}_model")
+    auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
+    attn = config.attn_implementation
+    if checkpoint_dir is not None and f"{name}_model" in config.saved_backbones:
+        source = str(checkpoint_dir / f"{name}_model")
+    if isinstance(source, dict):
+        values = dict(source)
+        if name == "text":
+            # An inline LM is sized for the tokenizer it comes with.
+            values.setdefault("vocab_size", len(tokenizer))
+            values.setdefault("pad_token_id", tokenizer.pad_token_id)
+            values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+            values.setdefault("bos_token_id", None)
+            if values["vocab_size"] < len(tokenizer):
+                raise ValueError(
+                    f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
+                )
+        model_config = AutoConfig.for_model(**values)
+        if name == "text":
+            model = auto_class.from_config(model_config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
+    else:
+        try:
+            model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        except OSError as error:
+            raise OSError(f"model.{name}_model: cannot load {source!r} ({error})") from error
+    return model
