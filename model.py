@@ -71,29 +71,19 @@ class PhiClipConfig:
             value = getattr(self, key)
             if isinstance(value, dict):
                 if "model_type" not in value:
-                    raise ValueError(
-                        f"model.{key}: an inline config needs a 'model_type' key, got {sorted(value)}"
-                    )
+                    raise ValueError(f"model.{key}: an inline config needs a 'model_type' key, got {sorted(value)}")
             elif not isinstance(value, str) or not value:
-                raise ValueError(
-                    f"model.{key}: expected a hub id, a local path or a config dict, got {value!r}"
-                )
+                raise ValueError(f"model.{key}: expected a hub id, a local path or a config dict, got {value!r}")
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(
-                f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}"
-            )
+            raise ValueError(f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.adapter_activation not in ACT2FN:
             raise ValueError(f"model.adapter_activation: unknown activation {self.adapter_activation!r}")
         if self.adapter_dim is not None and (not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0):
-            raise ValueError(
-                f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}"
-            )
+            raise ValueError(f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}")
         if not isinstance(self.max_length, int) or self.max_length <= 0:
             raise ValueError(f"model.max_length: expected a positive integer, got {self.max_length!r}")
         if not isinstance(self.vision_feature_layer, int):
-            raise ValueError(
-                f"model.vision_feature_layer: expected an integer, got {self.vision_feature_layer!r}"
-            )
+            raise ValueError(f"model.vision_feature_layer: expected an integer, got {self.vision_feature_layer!r}")
         if self.tokenizer is None and isinstance(self.text_model, dict):
             raise ValueError("model.tokenizer: required when model.text_model is an inline config dict")
 
@@ -159,9 +149,7 @@ class PhiClipProcessor:
         self.max_length = max_length
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.end_token = "<|end|>" if prompt_format == "chat" else "<|endoftext|>"
-        self.stop_token_ids = sorted(
-            {tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")}
-        )
+        self.stop_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")})
         # Padding is masked out of attention and labels by position, so its id never matters; the seed's bug was
         # deriving labels from pad == EOS, which this processor never does.
         pad = tokenizer.pad_token_id
@@ -219,19 +207,14 @@ class PhiClipProcessor:
             if answers is not None and len(answers) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
             conversations = [
-                [{"role": "user", "content": p}]
-                + ([{"role": "assistant", "content": answers[i]}] if answers else [])
+                [{"role": "user", "content": p}] + ([{"role": "assistant", "content": answers[i]}] if answers else [])
                 for i, p in enumerate(prompts)
             ]
         images = _images_per_sample(images, len(conversations))
         formatted = [self.format_conversation(c, add_generation_prompt) for c in conversations]
-        encoded = self.tokenizer(
-            [text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True
-        )
+        encoded = self.tokenizer([text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True)
         rows, kept_images, dropped = [], [], 0
-        for i, ((_, spans), ids, offsets) in enumerate(
-            zip(formatted, encoded["input_ids"], encoded["offset_mapping"])
-        ):
+        for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):
             ids, starts = (
                 np.asarray(ids, dtype=np.int64),
                 np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0],
@@ -277,9 +260,7 @@ class PhiClipProcessor:
             from dataset import load_image  # dataset.py owns robust image decoding (EXIF, modes, bombs)
 
             pil_images = [load_image(image) for image in kept_images]
-            batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")[
-                "pixel_values"
-            ]
+            batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
         return batch
 
     def _pad(self, rows: list, padding_side: str, with_labels: bool) -> dict[str, torch.Tensor]:
@@ -328,9 +309,7 @@ def _image_processor_class():
 class PhiClipMLLM(nn.Module):
     """CLIP vision tower -> MultimodalProjector -> Phi-3, with image embeddings scattered over placeholder ids."""
 
-    accepts_loss_kwargs = (
-        True  # tells HF Trainer to pass num_items_in_batch (exact loss under grad accumulation)
-    )
+    accepts_loss_kwargs = True  # tells HF Trainer to pass num_items_in_batch (exact loss under grad accumulation)
 
     def __init__(self, config: PhiClipConfig, checkpoint_dir: str | Path | None = None,
                  dtype: torch.dtype | None = None, tokenizer=None, image_processor=None):  # fmt: skip
@@ -541,9 +520,7 @@ class PhiClipMLLM(nn.Module):
                 )
             path = path.parent
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})"
-            )
+            raise FileNotFoundError(f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})")
         if not (path / ADAPTER_FILE).is_file():
             raise FileNotFoundError(f"{path}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
         config = PhiClipConfig.from_dict(
@@ -554,9 +531,7 @@ class PhiClipMLLM(nn.Module):
             if getattr(config, f"lora_{name}"):
                 lora_dir = path / f"lora_{name}"
                 if not (lora_dir / "adapter_config.json").is_file():
-                    raise FileNotFoundError(
-                        f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})"
-                    )
+                    raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
                 backbone = getattr(model, f"{name}_model")
                 setattr(
                     model,
@@ -585,9 +560,7 @@ def _check_lora_targets(backbone: nn.Module, targets, where: str) -> None:
     if not targets:
         raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
     targets = [targets] if isinstance(targets, str) else list(targets)
-    linear_names = {
-        name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)
-    }
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
     dead = [t for t in targets if t not in linear_names]
     if dead:
         raise ValueError(
@@ -611,14 +584,10 @@ def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, im
     if isinstance(config.vision_model, str):
         return processor_class.from_pretrained(config.vision_model)
     # An inline (random) tower: CLIP's preprocessing at the tower's resolution.
-    return processor_class(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def _load_backbone(
-    config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer
-) -> nn.Module:
+def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer) -> nn.Module:
     source = getattr(config, f"{name}_model")
     auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
     attn = config.attn_implementation
