@@ -170,8 +170,10 @@ class PhiClipProcessor:
         for turn in conversation:
             role, content = turn["role"], turn["content"].strip()
             if role == "user":
-                text += f"<|user|>\n{content}<|end|>\n" if self.prompt_format == "chat" else f"{content} "
-                text += "" if self.prompt_format == "chat" else f"{ANSWER_SEPARATOR} "
+                # seed: no space after the separator (Phi-3's tokenizer strips it anyway), so answers start a word
+                text += (
+                    f"<|user|>\n{content}<|end|>\n" if self.prompt_format == "chat" else f"{content} {ANSWER_SEPARATOR}"
+                )
             elif role == "assistant":
                 text += "<|assistant|>\n" if self.prompt_format == "chat" else ""
                 start = len(text)
@@ -215,13 +217,13 @@ class PhiClipProcessor:
         encoded = self.tokenizer([text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True)
         rows, kept_images, dropped = [], [], 0
         for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):
-            ids, starts = (
-                np.asarray(ids, dtype=np.int64),
-                np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:, 0],
-            )
+            ids = np.asarray(ids, dtype=np.int64)
+            # A token is supervised when it overlaps an answer span (a token may carry a leading space from the
+            # prompt side, and Phi-3's <|end|> carries the newline it strips).
+            token_start, token_end = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
             supervised = np.zeros(len(ids), dtype=bool)
             for start, end in spans:
-                supervised |= (starts >= start) & (starts < end)
+                supervised |= (np.minimum(token_end, end) - np.maximum(token_start, start)) > 0
             n_placeholders = int((ids == self.image_token_id).sum())
             if n_placeholders != len(images[i]):
                 raise ValueError(
@@ -442,10 +444,16 @@ class PhiClipMLLM(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute activations in backward for the LM (and the vision tower when it trains LoRA)."""
-        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        self.text_model.gradient_checkpointing_enable(**kwargs)
+        backbones = [self.text_model]
         if any(p.requires_grad for p in self.vision_model.parameters()):
-            self.vision_model.gradient_checkpointing_enable(**kwargs)
+            backbones.append(self.vision_model)
+        for backbone in backbones:
+            base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+            kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would drop LoRA gradients
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameter counts (meta-device models included)."""
@@ -512,7 +520,9 @@ class PhiClipMLLM(nn.Module):
         from peft import PeftModel
 
         path = Path(path)
-        if path.is_file():
+        if not path.is_dir() and (path.parent / "config.json").is_file():
+            path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
+        elif path.is_file():
             if path.suffix in PICKLE_SUFFIXES:
                 raise ValueError(
                     f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
@@ -582,8 +592,13 @@ def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, im
     if checkpoint_dir is not None:
         return processor_class.from_pretrained(str(checkpoint_dir))
     if isinstance(config.vision_model, str):
-        return processor_class.from_pretrained(config.vision_model)
-    # An inline (random) tower: CLIP's preprocessing at the tower's resolution.
+        try:
+            return processor_class.from_pretrained(config.vision_model)
+        except OSError:
+            logger.warning(
+                "%s has no preprocessor_config.json: using CLIP's defaults at %d px", config.vision_model, image_size
+            )
+    # An inline (random) tower, or none saved: CLIP's preprocessing at the tower's resolution.
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 

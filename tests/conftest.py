@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import logging as hf_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import build_word_tokenizer  # noqa: E402
 from model import PhiClipConfig, PhiClipMLLM  # noqa: E402
+
+hf_logging.disable_progress_bar()  # keep test logs readable
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PHI3_TOKENIZER = SHARED_DATA / "phi3_tokenizer"

@@ -1,0 +1,85 @@
+"""generate(): captions and answers from a PhiClipMLLM, for notebooks; plus a small CLI.
+
+python generate.py --checkpoint DIR --image PATH [--prompt TEXT] [--max_new_tokens N] [--stream]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from model import IMAGE_TOKEN, PhiClipMLLM
+
+DEFAULT_PROMPT = f"Describe this image {IMAGE_TOKEN}"
+
+
+@torch.no_grad()
+def generate(
+    model: PhiClipMLLM,
+    prompts: str | list[str],
+    images: Any = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    streamer: Any = None,
+) -> list[str]:
+    """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training.
+
+    `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
+    `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
+    """
+    was_training = model.training
+    model.eval()
+    batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
+    device = model.text_model.get_input_embeddings().weight.device
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    pixel_values = batch.get("pixel_values")
+    embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    output_ids = model.text_model.generate(
+        inputs_embeds=embeddings,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=model.processor.stop_token_ids,
+        pad_token_id=model.processor.pad_token_id,
+        streamer=streamer,
+        **sampling,
+    )
+    model.train(was_training)
+    # Given only embeddings, the LM returns only the new tokens.
+    return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Caption or answer about an image with a PhiClipMLLM checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction; must contain {IMAGE_TOKEN}")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
+    dtype = torch.bfloat16 if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = PhiClipMLLM.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+    streamer = None
+    if args.stream:
+        from transformers import TextStreamer
+
+        streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
+    text = generate(model, prompt, [args.image], max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
+    if not args.stream:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

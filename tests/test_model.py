@@ -1,0 +1,282 @@
+"""Model core: Llava equivalence, labels, checkpoints, phases, errors, generate()."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import PHI3_TOKENIZER, TINY_TEXT, TINY_VISION, random_image, require_shared, tiny_config
+from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from generate import generate
+from model import IMAGE_TOKEN, PhiClipMLLM, PhiClipProcessor
+
+PROMPTS = [
+    f"Describe this image. {IMAGE_TOKEN}",
+    f"What is shown in this picture? Please answer briefly and in detail {IMAGE_TOKEN}",
+    f"Hello {IMAGE_TOKEN} what colour?",
+]
+ANSWERS = ["a red circle", "two blue squares on the left", "It is blue."]
+TEXT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "o_proj"], "lora_dropout": 0.0}
+VISION_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "out_proj"], "lora_dropout": 0.0}
+
+
+def llava_twin(ours: PhiClipMLLM) -> LlavaForConditionalGeneration:
+    """transformers' Llava with our (Llava-shaped) model's weights copied over."""
+    vision_values = {k: v for k, v in TINY_VISION.items() if k != "model_type"}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision_values),
+        text_config=ours.text_model.config,
+        image_token_id=ours.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=ours.num_image_tokens,
+    )
+    llava = LlavaForConditionalGeneration(config).eval()
+    # Ours stops the tower at the feature layer, so Llava's unused last layer stays random: strict=False.
+    missing, unexpected = llava.model.vision_tower.load_state_dict(ours.vision_model.state_dict(), strict=False)
+    assert not unexpected and all(".layers.2." in key for key in missing)
+    llava.model.multi_modal_projector.linear_1.load_state_dict(ours.vision_adapter.layers[0].state_dict())
+    llava.model.multi_modal_projector.linear_2.load_state_dict(ours.vision_adapter.layers[2].state_dict())
+    llava.model.language_model.load_state_dict(ours.text_model.get_decoder().state_dict())
+    llava.lm_head.load_state_dict(ours.text_model.get_output_embeddings().state_dict())
+    return llava
+
+
+@pytest.fixture
+def llava_shaped(make_model):
+    return make_model(vision_feature_layer=-2, keep_cls=False, adapter_dim=TINY_TEXT["hidden_size"], normalize=False)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_logits_match_llava(llava_shaped, padding_side):
+    ours, images = llava_shaped, [random_image(i) for i in range(3)]
+    llava = llava_twin(ours)
+    batch = ours.processor(PROMPTS, images, ANSWERS, padding_side=padding_side)
+    assert ours.num_image_tokens == 16 and (batch["input_ids"] == ours.image_token_id).sum() == 48
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        our_logits = ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        peer_logits = llava(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            position_ids=positions,
+        ).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(our_logits[real], peer_logits[real], atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_llava(llava_shaped):
+    ours, images = llava_shaped, [random_image(i) for i in range(3)]
+    llava = llava_twin(ours)
+    batch = ours.processor(PROMPTS, images, padding_side="left", add_generation_prompt=True)
+    stop = ours.processor.stop_token_ids
+    with torch.no_grad():
+        peer = llava.generate(
+            **batch, max_new_tokens=8, do_sample=False, eos_token_id=stop, pad_token_id=ours.processor.pad_token_id
+        )
+    peer_texts = [t.strip() for t in ours.tokenizer.batch_decode(peer[:, batch["input_ids"].shape[1] :], True)]
+    assert generate(ours, PROMPTS, images, max_new_tokens=8) == peer_texts
+
+
+def test_loss_matches_full_logits_cross_entropy(make_model):
+    model = make_model()
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    loss = model(**batch).loss
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
+    torch.testing.assert_close(loss, reference)
+
+
+def _supervised_text(processor, batch, row):
+    labels = batch["labels"][row]
+    return processor.tokenizer.decode(labels[labels != -100])
+
+
+@pytest.mark.parametrize("prompt_format,end", [("chat", "<|end|>"), ("seed", "<|endoftext|>")])
+@pytest.mark.parametrize("which", ["tiny", "phi3"])
+def test_labels_are_answer_plus_end_token(tiny_tokenizer_dir, prompt_format, end, which):
+    path = tiny_tokenizer_dir if which == "tiny" else require_shared(PHI3_TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    from model import _image_processor_class
+
+    processor = PhiClipProcessor(tokenizer, _image_processor_class()(), num_image_tokens=5, prompt_format=prompt_format)
+    answers = ["A man riding a horse on a beach.", "two blue squares on the left", "It is blue."]
+    batch = processor(PROMPTS, [random_image(i) for i in range(3)], answers)
+    for row, answer in enumerate(answers):
+        assert _supervised_text(processor, batch, row) == answer + end
+        image_positions = (batch["input_ids"][row] == processor.image_token_id).nonzero().flatten()
+        assert len(image_positions) == 5 and image_positions[-1] - image_positions[0] == 4  # one contiguous span
+    assert batch["pixel_values"].shape[0] == 3
+
+
+def test_multi_turn_labels_cover_assistant_turns_only(make_model):
+    processor = make_model().processor
+    conversation = [
+        {"role": "user", "content": f"What is this? {IMAGE_TOKEN}"},
+        {"role": "assistant", "content": "a red circle"},
+        {"role": "user", "content": "And its colour?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    batch = processor(conversations=[conversation, conversation[:2]], images=[[random_image(0)], [random_image(1)]])
+    assert _supervised_text(processor, batch, 0) == "a red circle<|end|>red<|end|>"
+    assert _supervised_text(processor, batch, 1) == "a red circle<|end|>"
+
+
+def test_mixed_text_only_and_image_batch(make_model):
+    model = make_model()
+    batch = model.processor(["Hello, what colour?", PROMPTS[0]], [None, random_image(0)], ["blue", "a red circle"])
+    assert batch["pixel_values"].shape[0] == 1
+    assert torch.isfinite(model(**batch).loss)
+
+
+def _assert_same_logits(a, b, batch):
+    with torch.no_grad():
+        torch.testing.assert_close(a(**batch).logits, b(**batch).logits, atol=0, rtol=0)
+
+
+def test_checkpoint_round_trip_phase_one(make_model, tmp_path):
+    model = make_model().prime_model("one")
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    model.save_pretrained(tmp_path / "p1")
+    _assert_same_logits(model, PhiClipMLLM.from_pretrained(tmp_path / "p1" / "model_checkpoint.pt").eval(), batch)
+
+
+def test_checkpoint_round_trip_phase_two_unmerged_and_merged(make_model, tmp_path):
+    model = make_model().prime_model("one")
+    model.setup_lora({**TEXT_LORA, "init_lora_weights": False}, {**VISION_LORA, "init_lora_weights": False})
+    model.eval()
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    model.save_pretrained(tmp_path / "p2")
+    assert (tmp_path / "p2" / "lora_text" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "p2" / "lora_vision" / "adapter_model.safetensors").is_file()
+    reloaded = PhiClipMLLM.from_pretrained(tmp_path / "p2").eval()
+    _assert_same_logits(model, reloaded, batch)
+    with torch.no_grad():
+        unmerged = model(**batch).logits
+    model.save_pretrained(tmp_path / "merged", merge_lora=True)
+    merged = PhiClipMLLM.from_pretrained(tmp_path / "merged").eval()
+    assert not (tmp_path / "merged" / "lora_text").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, unmerged, atol=1e-5, rtol=0)
+
+
+def test_phase_one_checkpoint_of_local_backbones_holds_no_backbone_tensors(make_model, tiny_tokenizer_dir, tmp_path):
+    source = make_model()
+    source.text_model.save_pretrained(tmp_path / "phi")
+    source.vision_model.save_pretrained(tmp_path / "clip")
+    config = tiny_config(tiny_tokenizer_dir, text_model=str(tmp_path / "phi"), vision_model=str(tmp_path / "clip"))
+    model = PhiClipMLLM(config).prime_model("one").eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tensors = sorted(p.name for p in (tmp_path / "ckpt").rglob("*.safetensors"))
+    assert tensors == ["adapter.safetensors"]
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    _assert_same_logits(model, PhiClipMLLM.from_pretrained(tmp_path / "ckpt").eval(), batch)
+
+
+def test_trainable_parameters_and_gradients(make_model):
+    model = make_model()
+    vision, hidden, adapter_dim, layers = 32, 64, 48, TINY_TEXT["num_hidden_layers"]
+    adapter = vision * adapter_dim + adapter_dim + adapter_dim * hidden + hidden
+    assert model.prime_model("one").parameter_counts()["trainable"] == adapter
+    model.setup_lora(TEXT_LORA, VISION_LORA)
+    r = 4
+    text_lora = layers * (r * hidden + 3 * hidden * r + r * hidden + hidden * r)  # qkv_proj (64->192), o_proj
+    vision_lora = TINY_VISION["num_hidden_layers"] * 3 * (r * vision + vision * r)  # q, v, out (32->32)
+    assert model.parameter_counts()["trainable"] == adapter + text_lora + vision_lora
+
+    model.train()
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    model(**batch).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    lora_b = [n for n in trainable if "lora_B" in n]
+    assert any(n.startswith("vision_model") for n in lora_b) and any(n.startswith("text_model") for n in lora_b)
+    params = dict(model.named_parameters())
+    assert all(params[n].grad.abs().sum() > 0 for n in lora_b)  # ViT LoRA is not blocked by a no_grad
+
+    torch.optim.AdamW([params[n] for n in trainable], lr=1e-3).step()
+    model.zero_grad()
+    model(**batch).loss.backward()
+    assert all(params[n].grad.abs().sum() > 0 for n in trainable if "lora_" in n)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(make_model):
+    batch = None
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model().setup_lora(TEXT_LORA, VISION_LORA).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        batch = batch or model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad)
+
+
+def test_truncated_away_answer_is_never_trained_on_silently(make_model, caplog):
+    model = make_model()
+    prompt_length = model.processor([PROMPTS[0]], [random_image(0)], add_generation_prompt=True)["input_ids"].shape[1]
+    model.processor.max_length = prompt_length  # room for the prompt, none for the answer
+    with pytest.raises(ValueError, match="no supervised answer tokens"):
+        model.processor([PROMPTS[0]], [random_image(0)], ["a red circle"])
+    with caplog.at_level(logging.WARNING):
+        batch = model.processor(
+            [PROMPTS[0], f"Hi {IMAGE_TOKEN}"], [random_image(0), random_image(1)], ["a red circle", "a"],
+            drop_unsupervised=True,
+        )  # fmt: skip
+    assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
+    assert (batch["labels"] != -100).any()
+    assert "dropped 1 sample" in caplog.text
+
+
+def test_bad_input_errors(make_model, tmp_path):
+    model = make_model(max_length=40)
+    with pytest.raises(ValueError, match=r"sample 0: 1 <\|placeholder1\|> placeholder\(s\) in the text but 2 image"):
+        model.processor([PROMPTS[0]], [[random_image(0), random_image(1)]])
+    with pytest.raises(ValueError, match=r"0 <\|placeholder1\|> placeholder\(s\) in the text but 1 image"):
+        model.processor(["no placeholder here"], [random_image(0)])
+    with pytest.raises(ValueError, match=r"sample 0 is \d+ tokens long .* max_length is 40"):
+        model.processor([f"{'hello world ' * 20} {IMAGE_TOKEN}"], [random_image(0)], ["a"])
+    batch = model.processor([PROMPTS[0]], [random_image(0)])
+    with pytest.raises(ValueError, match=r"17 image-token positions .* but 0 images"):
+        model(batch["input_ids"], batch["attention_mask"])
+    with pytest.raises(ValueError, match=r"\['o_proj'\] match no linear layer"):
+        model.setup_lora(vision_lora={**VISION_LORA, "target_modules": ["q_proj", "o_proj"]})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a PhiClipMLLM checkpoint"):
+        PhiClipMLLM.from_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "adapter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter.safetensors is missing"):
+        PhiClipMLLM.from_pretrained(tmp_path / "ckpt")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "model_checkpoint.pt")
+    with pytest.raises(ValueError, match="pickled checkpoint"):
+        PhiClipMLLM.from_pretrained(tmp_path / "model_checkpoint.pt")
+
+
+def test_batched_generate_equals_one_by_one(make_model):
+    model = make_model()
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], f"Hi {IMAGE_TOKEN}"]
+    images = [random_image(i) for i in range(4)]
+    batched = generate(model, prompts, images, max_new_tokens=6)
+    assert batched == [generate(model, p, [im], max_new_tokens=6)[0] for p, im in zip(prompts, images)]
+    assert len(generate(model, prompts[:2], images[:2], 4, True, num_return_sequences=2)) == 4
+
+
+def test_trained_model_stops_at_end_token(make_model):
+    model = make_model().train()
+    batch = model.processor(PROMPTS[:2], [random_image(0), random_image(1)], ["a red circle"] * 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    assert generate(model, [PROMPTS[0]], [random_image(0)], max_new_tokens=20) == ["a red circle"]
