@@ -299,9 +299,9 @@ def _images_per_sample(images: Any, batch_size: int) -> list[list]:
 
 def _image_processor_class():
     # transformers' default CLIP processor needs torchvision; the PIL one gives the same pixels without it.
-    from transformers import CLIPImageProcessor
-
     if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+
         return CLIPImageProcessor
     from transformers import CLIPImageProcessorPil
 
