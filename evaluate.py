@@ -1,0 +1,99 @@
+"""Evaluate a checkpoint: validation loss and perplexity, and greedy captions scored against every reference.
+
+    python evaluate.py --checkpoint DIR --config CFG [--split val] [--limit N] [--batch_size B] [--output FILE]
+
+Prints one JSON object (val_loss, perplexity, exact_match, bleu4, cider, counts) and writes the generated captions
+in COCO results format (``[{"image_id": ..., "caption": ...}]``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import defaultdict
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dataset import Collator, ConversationDataset, make_dataloader
+from generate import generate
+from model import PhiClipMLLM
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_caption(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace: the form exact match and the n-gram scores compare."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def caption_scores(predictions: dict[Any, str], references: dict[Any, list[str]]) -> dict[str, float]:
+    """Exact match (against any reference), BLEU-4 and CIDEr-D of one caption per key.
+
+    BLEU and CIDEr are pycocoevalcap's scorers; tokenisation is `normalize_caption` rather than the Java PTB
+    tokenizer, so figures can differ slightly from the official COCO server's.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = sorted(predictions, key=str)
+    if not keys:
+        raise ValueError("no predictions to score")
+    refs = {str(k): [normalize_caption(r) for r in references[k]] for k in keys}
+    preds = {str(k): [normalize_caption(predictions[k])] for k in keys}
+    exact = sum(preds[str(k)][0] in refs[str(k)] for k in keys) / len(keys)
+    bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
+    cider, _ = Cider().compute_score(refs, preds)
+    return {"exact_match": exact, "bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+@torch.no_grad()
+def validation_loss(model: PhiClipMLLM, dataset: ConversationDataset, batch_size: int = 16, num_workers: int = 0,
+                    limit: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Mean loss per supervised token over the split (token-weighted, not batch-averaged), and its perplexity."""
+    if limit is not None:
+        dataset = ConversationDataset(dataset.records[:limit], seed=dataset.seed, on_bad_image=dataset.on_bad_image)
+    loader = make_dataloader(dataset, Collator(model.processor), batch_size=batch_size, shuffle=False,
+                             num_workers=num_workers)  # fmt: skip
+    device = next(model.parameters()).device
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in tqdm(loader, desc="val loss", leave=False):
+        batch.pop("num_bad_images", None)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch, num_items_in_batch=1).loss)  # num_items_in_batch=1: the summed loss
+        tokens += n
+    loss = total / max(tokens, 1)
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+
+def caption_split(dataset: ConversationDataset, limit: int | None = None) -> tuple[list, dict, dict]:
+    """One (id, prompt, image) per distinct image, and every reference answer per id."""
+    references: dict[Any, list[str]] = defaultdict(list)
+    queries: dict[Any, tuple[str, list]] = {}
+    for index, record in enumerate(dataset.records):
+        sample = dataset.sample(index, epoch=0)
+        turns = sample["conversation"]
+        references[record.id].extend(record.captions or [turns[1]["content"]])
+        if record.id not in queries:
+            queries[record.id] = (turns[0]["content"], sample["images"])
+    ids = list(queries)[:limit]
+    return ids, {k: queries[k] for k in ids}, {k: references[k] for k in ids}
+
+
+def evaluate(model: PhiClipMLLM, dataset: ConversationDataset, limit: int | None = None, batch_size: int = 16,
+             max_new_tokens: int = 32, num_workers: int = 0) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Loss over the split and greedy-caption scores; returns (metrics, COCO-format results)."""
+    ids, queries, references = caption_split(dataset, limit)
+    predictions = {}
+    for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False):
+        chunk = ids[start : start + batch_size]
+        texts = generate(model, [queries[k][0] for k in chunk], [queries[k][1] for k in chunk], max_new_tokens)
+        predictions.update(zip(chunk, texts))
+    metrics = validation_loss(model, dataset, batch_size, num_workers, limit)
+    metrics.update(caption_scores(predictions, references))
+    metrics["images"] = len(ids)
+    return metrics, [{"image_id": k, "caption": predictions[k]} for k in ids]
