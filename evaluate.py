@@ -50,13 +50,19 @@ def caption_scores(predictions: dict[Any, str], references: dict[Any, list[str]]
 
 
 @torch.no_grad()
-def validation_loss(model: PhiClipMLLM, dataset: ConversationDataset, batch_size: int = 16, num_workers: int = 0,
-                    limit: int | None = None) -> dict[str, float]:  # fmt: skip
+def validation_loss(
+    model: PhiClipMLLM,
+    dataset: ConversationDataset,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    limit: int | None = None,
+) -> dict[str, float]:
     """Mean loss per supervised token over the split (token-weighted, not batch-averaged), and its perplexity."""
     if limit is not None:
         dataset = ConversationDataset(dataset.records[:limit], seed=dataset.seed, on_bad_image=dataset.on_bad_image)
-    loader = make_dataloader(dataset, Collator(model.processor), batch_size=batch_size, shuffle=False,
-                             num_workers=num_workers)  # fmt: skip
+    loader = make_dataloader(
+        dataset, Collator(model.processor), batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0
@@ -84,8 +90,14 @@ def caption_split(dataset: ConversationDataset, limit: int | None = None) -> tup
     return ids, {k: queries[k] for k in ids}, {k: references[k] for k in ids}
 
 
-def evaluate(model: PhiClipMLLM, dataset: ConversationDataset, limit: int | None = None, batch_size: int = 16,
-             max_new_tokens: int = 32, num_workers: int = 0) -> tuple[dict, list[dict]]:  # fmt: skip
+def evaluate(
+    model: PhiClipMLLM,
+    dataset: ConversationDataset,
+    limit: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    num_workers: int = 0,
+) -> tuple[dict, list[dict]]:
     """Loss over the split and greedy-caption scores; returns (metrics, COCO-format results)."""
     ids, queries, references = caption_split(dataset, limit)
     predictions = {}

@@ -112,9 +112,13 @@ class MultimodalProjector(nn.Module):
     """Maps CLIP patch embeddings into the LM's embedding space: Linear -> act -> Linear (or one Linear)."""
 
     def __init__(
-        self, vision_dim: int, text_dim: int, hidden_dim: int | None = 1024, activation: str = "gelu",
+        self,
+        vision_dim: int,
+        text_dim: int,
+        hidden_dim: int | None = 1024,
+        activation: str = "gelu",
         normalize: bool = True,
-    ):  # fmt: skip
+    ):
         super().__init__()
         if hidden_dim is None:
             self.layers = nn.Sequential(nn.Linear(vision_dim, text_dim))
@@ -137,8 +141,14 @@ class PhiClipProcessor:
     <|placeholder1|> into `num_image_tokens` ids so masks, positions and labels line up with the image embeddings.
     """
 
-    def __init__(self, tokenizer, image_processor, num_image_tokens: int, prompt_format: str = "chat",
-                 max_length: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        num_image_tokens: int,
+        prompt_format: str = "chat",
+        max_length: int | None = None,
+    ):
         missing = [t for t in REQUIRED_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks the Phi-3 special tokens {missing}")
@@ -253,8 +263,9 @@ class PhiClipProcessor:
             rows.append((ids, labels))
             kept_images.extend(images[i])
         if dropped:
-            logger.warning("dropped %d sample(s) whose answer was truncated away (max_length=%s)", dropped,
-                           self.max_length)  # fmt: skip
+            logger.warning(
+                "dropped %d sample(s) whose answer was truncated away (max_length=%s)", dropped, self.max_length
+            )
         if not rows:
             raise ValueError("every sample of the batch was dropped: no supervised tokens left")
         batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
@@ -313,8 +324,14 @@ class PhiClipMLLM(nn.Module):
 
     accepts_loss_kwargs = True  # tells HF Trainer to pass num_items_in_batch (exact loss under grad accumulation)
 
-    def __init__(self, config: PhiClipConfig, checkpoint_dir: str | Path | None = None,
-                 dtype: torch.dtype | None = None, tokenizer=None, image_processor=None):  # fmt: skip
+    def __init__(
+        self,
+        config: PhiClipConfig,
+        checkpoint_dir: str | Path | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer=None,
+        image_processor=None,
+    ):
         super().__init__()
         self.config = config = copy.deepcopy(config)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -330,9 +347,12 @@ class PhiClipMLLM(nn.Module):
         vision_config.num_hidden_layers = used_layers
         self.vision_model = vision_model
         self.vision_adapter = MultimodalProjector(
-            vision_config.hidden_size, self.text_model.config.hidden_size, config.adapter_dim,
-            config.adapter_activation, config.normalize,
-        )  # fmt: skip
+            vision_config.hidden_size,
+            self.text_model.config.hidden_size,
+            config.adapter_dim,
+            config.adapter_activation,
+            config.normalize,
+        )
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
         self.num_image_tokens = patches + (1 if config.keep_cls else 0)
         if image_processor is None:

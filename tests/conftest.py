@@ -26,9 +26,15 @@ COCO = SHARED_DATA / "coco"
 TINY_CORPUS = [
     "<|user|>\nDescribe this image. <|placeholder1|><|end|>\n<|assistant|>\na red circle<|end|>\n",
     "Can you create a description for this photo? What is shown in this picture?",
-    "a red circle", "two blue squares", "a green triangle on the left", "a yellow star", "hello world",
-    "The quick brown fox jumps over the lazy dog.", "What colour is the shape?", "It is blue.",
-]  # fmt: skip
+    "a red circle",
+    "two blue squares",
+    "a green triangle on the left",
+    "a yellow star",
+    "hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "What colour is the shape?",
+    "It is blue.",
+]
 
 TINY_TEXT = {
     "model_type": "phi3",
@@ -67,9 +73,13 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 def tiny_config(tokenizer_dir: Path | str, **overrides) -> PhiClipConfig:
     values = dict(
-        text_model=dict(TINY_TEXT), vision_model=dict(TINY_VISION), tokenizer=str(tokenizer_dir), adapter_dim=48,
-        max_length=256, attn_implementation="eager",
-    )  # fmt: skip
+        text_model=dict(TINY_TEXT),
+        vision_model=dict(TINY_VISION),
+        tokenizer=str(tokenizer_dir),
+        adapter_dim=48,
+        max_length=256,
+        attn_implementation="eager",
+    )
     values.update(overrides)
     return PhiClipConfig(**values)
 

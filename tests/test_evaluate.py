@@ -47,8 +47,18 @@ def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")
     random_image(3).save(tmp_path / "photo.png")
-    generate_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "photo.png"),
-                       "--max_new_tokens", "5", "--device", "cpu"])  # fmt: skip
+    generate_cli.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--image",
+            str(tmp_path / "photo.png"),
+            "--max_new_tokens",
+            "5",
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out.strip()
     reloaded = PhiClipMLLM.from_pretrained(tmp_path / "ckpt")
     with torch.no_grad():

@@ -229,9 +229,11 @@ def test_truncated_away_answer_is_never_trained_on_silently(make_model, caplog):
         model.processor([PROMPTS[0]], [random_image(0)], ["a red circle"])
     with caplog.at_level(logging.WARNING):
         batch = model.processor(
-            [PROMPTS[0], f"Hi {IMAGE_TOKEN}"], [random_image(0), random_image(1)], ["a red circle", "a"],
+            [PROMPTS[0], f"Hi {IMAGE_TOKEN}"],
+            [random_image(0), random_image(1)],
+            ["a red circle", "a"],
             drop_unsupervised=True,
-        )  # fmt: skip
+        )
     assert batch["input_ids"].shape[0] == 1 and batch["pixel_values"].shape[0] == 1
     assert (batch["labels"] != -100).any()
     assert "dropped 1 sample" in caplog.text
