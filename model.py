@@ -1,4 +1,4 @@
-"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3, with its config, processor and checkpoints.
+"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3, with its config and checkpoints.
 
 An image takes one path, in training and in generation:
     PhiClipProcessor: prompt format -> tokens, each <|placeholder1|> expanded to `num_image_tokens` ids, labels
@@ -14,9 +14,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -24,21 +22,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import is_torchvision_available
+
+from processor import IMAGE_TOKEN, PROMPT_FORMATS, PhiClipProcessor, image_processor_class
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|placeholder1|>"
-ANSWER_SEPARATOR = "<|placeholder2|>"  # the seed format puts it between prompt and answer
-REQUIRED_TOKENS = (
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|end|>",
-    "<|endoftext|>",
-)
-PROMPT_FORMATS = ("chat", "seed")
+__all__ = ["IMAGE_TOKEN", "MultimodalProjector", "PhiClipConfig", "PhiClipMLLM", "PhiClipProcessor"]
+
 ADAPTER_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
@@ -131,192 +121,6 @@ class MultimodalProjector(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         projected = self.layers(image_features)
         return F.normalize(projected, dim=-1) if self.normalize else projected
-
-
-class PhiClipProcessor:
-    """Text + images -> model inputs, for training (answers, right padding) and generation (left padding).
-
-    It applies the prompt format, tokenises each whole conversation once, marks as supervised exactly the
-    characters of each answer plus its end token (via offsets, so no token boundary is guessed), and expands every
-    <|placeholder1|> into `num_image_tokens` ids so masks, positions and labels line up with the image embeddings.
-    """
-
-    def __init__(
-        self,
-        tokenizer,
-        image_processor,
-        num_image_tokens: int,
-        prompt_format: str = "chat",
-        max_length: int | None = None,
-    ):
-        missing = [t for t in REQUIRED_TOKENS if t not in tokenizer.get_vocab()]
-        if missing:
-            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks the Phi-3 special tokens {missing}")
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.num_image_tokens = num_image_tokens
-        self.prompt_format = prompt_format
-        self.max_length = max_length
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.end_token = "<|end|>" if prompt_format == "chat" else "<|endoftext|>"
-        self.stop_token_ids = sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")})
-        # Padding is masked out of attention and labels by position, so its id never matters; the seed's bug was
-        # deriving labels from pad == EOS, which this processor never does.
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
-
-    def format_conversation(self, conversation: list[dict], add_generation_prompt: bool = False):
-        """Return (text, supervised character spans) for a list of {"role", "content"} turns."""
-        text, spans = "", []
-        if (
-            len(conversation) == 1
-            and conversation[0]["role"] == "user"
-            and any(tag in conversation[0]["content"] for tag in ("<|user|>", "<|assistant|>"))
-        ):  # already in chat markup: take it verbatim
-            text = conversation[0]["content"]
-            if add_generation_prompt and not text.rstrip().endswith("<|assistant|>"):
-                text += "<|assistant|>\n"
-            return text, spans
-        for turn in conversation:
-            role, content = turn["role"], turn["content"].strip()
-            if role == "user":
-                # seed: no space after the separator (Phi-3's tokenizer strips it anyway), so answers start a word
-                text += (
-                    f"<|user|>\n{content}<|end|>\n" if self.prompt_format == "chat" else f"{content} {ANSWER_SEPARATOR}"
-                )
-            elif role == "assistant":
-                text += "<|assistant|>\n" if self.prompt_format == "chat" else ""
-                start = len(text)
-                text += content + self.end_token
-                spans.append((start, len(text)))
-                text += "\n" if self.prompt_format == "chat" else " "
-            else:
-                raise ValueError(f"conversation role must be 'user' or 'assistant', got {role!r}")
-        if add_generation_prompt and self.prompt_format == "chat":
-            text += "<|assistant|>\n"
-        return text, spans
-
-    def __call__(
-        self,
-        prompts: str | list[str] | None = None,
-        images: Any = None,
-        answers: list[str] | None = None,
-        *,
-        conversations: list[list[dict]] | None = None,
-        padding_side: str = "right",
-        add_generation_prompt: bool = False,
-        drop_unsupervised: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Tokenise a batch. Give `prompts` (+ optional `answers`) or `conversations`; `images` per sample.
-
-        `images`: None, one image (for one prompt), a list with one image (or None) per sample, or a list of lists.
-        Returns input_ids, attention_mask, labels (when answers are given) and pixel_values (when images are).
-        """
-        if conversations is None:
-            if prompts is None:
-                raise ValueError("give either prompts or conversations")
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            if answers is not None and len(answers) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-            conversations = [
-                [{"role": "user", "content": p}] + ([{"role": "assistant", "content": answers[i]}] if answers else [])
-                for i, p in enumerate(prompts)
-            ]
-        images = _images_per_sample(images, len(conversations))
-        formatted = [self.format_conversation(c, add_generation_prompt) for c in conversations]
-        encoded = self.tokenizer([text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True)
-        rows, kept_images, dropped = [], [], 0
-        for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):
-            ids = np.asarray(ids, dtype=np.int64)
-            # A token is supervised when it overlaps an answer span (a token may carry a leading space from the
-            # prompt side, and Phi-3's <|end|> carries the newline it strips).
-            token_start, token_end = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
-            supervised = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                supervised |= (np.minimum(token_end, end) - np.maximum(token_start, start)) > 0
-            n_placeholders = int((ids == self.image_token_id).sum())
-            if n_placeholders != len(images[i]):
-                raise ValueError(
-                    f"sample {i}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the text but "
-                    f"{len(images[i])} image(s) given"
-                )
-            repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
-            ids, supervised = np.repeat(ids, repeats), np.repeat(supervised, repeats)
-            if self.max_length is not None and len(ids) > self.max_length:
-                image_positions = np.flatnonzero(ids == self.image_token_id)
-                if len(image_positions) and image_positions[-1] >= self.max_length or not spans:
-                    raise ValueError(
-                        f"sample {i} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
-                        f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
-                        f"{'image' if len(image_positions) else 'prompt'}; raise model.max_length or shorten it"
-                    )
-                ids, supervised = ids[: self.max_length], supervised[: self.max_length]
-            if spans and not supervised[1:].any():
-                if not drop_unsupervised:
-                    raise ValueError(
-                        f"sample {i} has no supervised answer tokens left after truncation to max_length="
-                        f"{self.max_length}; raise model.max_length or shorten the prompt"
-                    )
-                dropped += 1
-                continue
-            labels = np.where(supervised, ids, -100)
-            rows.append((ids, labels))
-            kept_images.extend(images[i])
-        if dropped:
-            logger.warning(
-                "dropped %d sample(s) whose answer was truncated away (max_length=%s)", dropped, self.max_length
-            )
-        if not rows:
-            raise ValueError("every sample of the batch was dropped: no supervised tokens left")
-        batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
-        if kept_images:
-            from dataset import load_image  # dataset.py owns robust image decoding (EXIF, modes, bombs)
-
-            pil_images = [load_image(image) for image in kept_images]
-            batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
-        return batch
-
-    def _pad(self, rows: list, padding_side: str, with_labels: bool) -> dict[str, torch.Tensor]:
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(rows):
-            span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
-            input_ids[row, span] = torch.from_numpy(ids)
-            attention_mask[row, span] = 1
-            labels[row, span] = torch.from_numpy(row_labels)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if with_labels:
-            batch["labels"] = labels
-        return batch
-
-
-def _images_per_sample(images: Any, batch_size: int) -> list[list]:
-    if images is None:
-        return [[] for _ in range(batch_size)]
-    if not isinstance(images, (list, tuple)):
-        images = [images]
-    if all(isinstance(item, (list, tuple)) for item in images) and len(images) == batch_size:
-        return [list(item) for item in images]
-    if len(images) == batch_size:
-        return [[] if item is None else [item] for item in images]
-    if batch_size == 1:
-        return [list(images)]
-    raise ValueError(f"{batch_size} prompts but {len(images)} images: give one image (or list) per prompt")
-
-
-def _image_processor_class():
-    # transformers' default CLIP processor needs torchvision; the PIL one gives the same pixels without it.
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor
-    from transformers import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil
 
 
 class PhiClipMLLM(nn.Module):
@@ -608,7 +412,7 @@ def _load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
 
 
 def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int):
-    processor_class = _image_processor_class()
+    processor_class = image_processor_class()
     if checkpoint_dir is not None:
         return processor_class.from_pretrained(str(checkpoint_dir))
     if isinstance(config.vision_model, str):

@@ -103,9 +103,9 @@ def _supervised_text(processor, batch, row):
 def test_labels_are_answer_plus_end_token(tiny_tokenizer_dir, prompt_format, end, which):
     path = tiny_tokenizer_dir if which == "tiny" else require_shared(PHI3_TOKENIZER)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    from model import _image_processor_class
+    from model import image_processor_class
 
-    processor = PhiClipProcessor(tokenizer, _image_processor_class()(), num_image_tokens=5, prompt_format=prompt_format)
+    processor = PhiClipProcessor(tokenizer, image_processor_class()(), num_image_tokens=5, prompt_format=prompt_format)
     answers = ["A man riding a horse on a beach.", "two blue squares on the left", "It is blue."]
     batch = processor(PROMPTS, [random_image(i) for i in range(3)], answers)
     for row, answer in enumerate(answers):
