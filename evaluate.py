@@ -8,16 +8,19 @@ in COCO results format (``[{"image_id": ..., "caption": ...}]``).
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import re
 import string
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from dataset import Collator, ConversationDataset, make_dataloader
+from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import generate
 from model import PhiClipMLLM
 
@@ -109,3 +112,37 @@ def evaluate(
     metrics.update(caption_scores(predictions, references))
     metrics["images"] = len(ids)
     return metrics, [{"image_id": k, "caption": predictions[k]} for k in ids]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a PhiClipMLLM checkpoint on a split of a training config.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train.py's output)")
+    parser.add_argument("--config", required=True, help="the training YAML whose data section names the split")
+    parser.add_argument("--split", default="val", choices=["val", "train"])
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--output", default=None, help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from train import load_config  # one validated reading of the YAML for training and evaluation
+
+    config = load_config(args.config)
+    split = config["data"].get(args.split)
+    if not split:
+        raise SystemExit(f"{args.config}: data.{args.split} is not set, so there is no {args.split} split to evaluate")
+    dataset = make_dataset(split, seed=config["seed"])
+    dtype = torch.bfloat16 if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = PhiClipMLLM.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+    metrics, results = evaluate(
+        model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
+    )
+    output = Path(args.output or Path(args.checkpoint) / f"captions_{args.split}.json")
+    output.write_text(json.dumps(results, indent=1) + "\n")
+    metrics["results_file"] = str(output)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
