@@ -433,15 +433,29 @@ class Collator:
         return batch
 
 
-def make_dataloader(dataset: Dataset, collator: Collator, *, batch_size: int, shuffle: bool = True,
-                    num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:  # fmt: skip
+def make_dataloader(
+    dataset: Dataset,
+    collator: Collator,
+    *,
+    batch_size: int,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """A DataLoader whose order depends only on ``seed`` (not on ``num_workers``); pins memory under CUDA."""
     # Not persistent: each epoch's workers must get a fresh copy of the dataset to see set_epoch().
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=collator,
-        pin_memory=torch.cuda.is_available(), drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collator,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
-    )  # fmt: skip
+    )
 
 
 DEMO_COLOURS = {

@@ -12,7 +12,7 @@ import torch
 
 from model import IMAGE_TOKEN, PhiClipMLLM
 
-DEFAULT_PROMPT = f"Describe this image {IMAGE_TOKEN}"
+DEFAULT_PROMPT = f"Describe this image. {IMAGE_TOKEN}"  # one of the instructions training draws from
 
 
 @torch.no_grad()

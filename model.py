@@ -379,8 +379,6 @@ class PhiClipMLLM(nn.Module):
             for parameter_name, parameter in model.named_parameters():
                 if "lora_" in parameter_name:
                     parameter.requires_grad_(True)
-        if dtype is not None:
-            model.vision_adapter.to(dtype if not trainable else torch.float32)
         return model.to(device) if device is not None else model
 
 

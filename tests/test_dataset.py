@@ -209,10 +209,18 @@ def write_llava(root: Path) -> tuple[Path, Path]:
             "image": "b.png",
             "conversations": [{"from": "human", "value": "Describe it.\n<image>"}, {"from": "gpt", "value": "Red."}],
         },
-        {"id": "implicit", "image": "b.png", "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}]},
+        {
+            "id": "implicit",
+            "image": "b.png",
+            "conversations": [{"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "red"}],
+        },
         {"id": "two_markers", "image": "b.png", "conversations": [{"from": "human", "value": "<image> <image>"}]},
-        {"id": "lost", "image": "gone.jpg", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}]},
-    ]  # fmt: skip
+        {
+            "id": "lost",
+            "image": "gone.jpg",
+            "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "?"}],
+        },
+    ]
     annotation_file = root / "llava.json"
     annotation_file.write_text(json.dumps(entries))
     return annotation_file, images

@@ -1,0 +1,304 @@
+"""train.py: config validation, dry-run counts, training phases, complete-or-absent checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, SHARED_DATA, TINY_TEXT, TINY_VISION
+from safetensors.torch import load_file
+
+import dry_run
+import train
+from dataset import make_demo
+from generate import generate
+from model import PhiClipMLLM
+
+CONFIGS = ROOT / "training_configs"
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one stalls whenever the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("demo")
+    make_demo(directory, n=364)  # 64 train images, 300 val
+    return directory
+
+
+def tiny_config(demo_dir: Path, out: Path, **sections) -> dict:
+    """A small phase-one config on the demo set, as a dict; `sections` replace or extend its sections."""
+    data = {"format": "coco", "image_directory": str(demo_dir / "images")}
+    config = {
+        "dtype": "float32",
+        "seed": 3,
+        "model": {
+            "text_model": dict(TINY_TEXT),
+            "vision_model": dict(TINY_VISION),
+            "tokenizer": str(demo_dir / "tokenizer"),
+            "adapter_dim": 48,
+            "max_length": 64,
+            "attn_implementation": "eager",
+        },
+        "checkpoint": {"output_dir": str(out)},
+        "data": {
+            "train": {**data, "annotation_file": str(demo_dir / "captions_train.json")},
+            "val": {**data, "annotation_file": str(demo_dir / "captions_val.json"), "max_samples": 8},
+            "num_workers": 0,
+            "eval_captions": 2,
+        },
+        "training_args": {
+            "max_steps": 4,
+            "learning_rate": 3e-3,
+            "batch_size": 8,
+            "save_steps": 2,
+            "save_total_limit": 2,
+            "logging_steps": 1,
+            "eval_steps": 4,
+            "report_to": "none",
+            "warmup_steps": 0,
+        },
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+def write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+LORA = {
+    "peft_text": {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "down_proj"], "lora_dropout": 0.1},
+    "peft_vision": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "fc1"], "lora_dropout": 0.1},
+}
+
+
+def phase_two_config(demo_dir: Path, load_dir: Path, out: Path, **training_args) -> dict:
+    config = tiny_config(demo_dir, out, **LORA)
+    del config["model"]
+    config["checkpoint"]["load_dir"] = str(load_dir)
+    config["training_args"].update(training_args)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------- config
+def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(tmp_path, demo_dir):
+    config = tiny_config(demo_dir, tmp_path / "out")
+    train_data = config["data"].pop("train")
+    config["phase_one"] = {k: train_data[k] for k in ("annotation_file", "image_directory")}  # the seed's spelling
+    path = write(tmp_path / "c.yaml", config)
+    loaded = train.load_config(path, ["training_args.learning_rate=1e-4", "text_warmup.steps=7"], phase="one")
+    assert loaded["training_args"]["learning_rate"] == 1e-4  # YAML's "1e-4" string became a float
+    assert loaded["text_warmup"] == {"steps": 7, "learning_rate": 1e-3, "batch_size": 32, "describe": True}
+    assert loaded["training_args"]["gradient_accumulation_steps"] == 1 and loaded["peft_text"] is None
+    assert loaded["data"]["train"] == {"format": "coco", **config["phase_one"]}
+    assert loaded["path"] == str(path)
+    for name, phase in (("phi_clip.yaml", "one"), ("phi_clip_p2.yaml", "two"), ("tiny.yaml", "one")):
+        train.load_config(CONFIGS / name, phase=phase, check_paths=False)
+    assert train.load_config(CONFIGS / "tiny_p2.yaml", check_paths=False)["peft_vision"]["r"] == 16
+
+
+@pytest.mark.parametrize(
+    "change, phase, expected",
+    [
+        ({"trainig_args": {}}, "one", ["unknown key(s) trainig_args", "valid keys", "training_args"]),
+        ({"training_args": {"lerning_rate": 1}}, "one", ["training_args.lerning_rate", "learning_rate"]),
+        ({"model": {"adaptor_dim": 4}}, "one", ["adaptor_dim", "valid keys", "adapter_dim"]),
+        ({"training_args": {"batch_size": "eight"}}, "one", ["training_args.batch_size must be int", "'eight'"]),
+        ({"training_args": {"gradient_checkpointing": "yes"}}, "one", ["gradient_checkpointing must be bool"]),
+        ({"model": {"adapter_dim": "big"}}, "one", ["model.adapter_dim", "'big'"]),
+        ({"data": {"train": {"annotation_file": "missing.json"}}}, "one", ["data.train.annotation_file", "missing"]),
+        ({"model": {"tokenizer": "./no_tokenizer"}}, "one", ["model.tokenizer", "no_tokenizer", "does not exist"]),
+        ({"checkpoint": {"load_dir": "no_phase_one"}, **LORA}, "two", ["checkpoint.load_dir", "no_phase_one"]),
+        ({"checkpoint": {"load_dir": "."}}, "two", ["peft_text and/or peft_vision"]),
+        ({"peft_text": {"r": 4, "target_modules": ["q"], "rank": 2}}, "two", ["peft_text.rank"]),
+    ],
+)
+def test_config_errors_name_the_problem_before_any_model_is_built(
+    tmp_path, demo_dir, monkeypatch, capsys, change, phase, expected
+):
+    class NoModel:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a model was built before the config was checked")
+
+        from_pretrained = __init__
+
+    monkeypatch.setattr(train, "PhiClipMLLM", NoModel)
+    config = tiny_config(demo_dir, tmp_path / "out")
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            for sub, sub_value in value.items():
+                merged = config[key].get(sub)
+                config[key][sub] = {**merged, **sub_value} if isinstance(merged, dict) else sub_value
+        else:
+            config[key] = value
+    path = write(tmp_path / "bad.yaml", config)
+    status = train.main(["--config", str(path)] + (["--phase_one"] if phase == "one" else []))
+    message = capsys.readouterr().err
+    assert status == 2, message
+    assert str(path) in message or "no_phase_one" in message
+    for fragment in expected:
+        assert fragment in message
+
+
+# -------------------------------------------------------------------------------------------------- dry run
+def _dry_run_counts(capsys, *argv) -> dict[str, int]:
+    assert train.main(["--dry_run", *argv]) == 0
+    out = capsys.readouterr().out
+    counts = {}
+    for line in out.splitlines():
+        for key in ("total parameters", "trainable parameters"):
+            if line.strip().startswith(key + ":"):
+                counts[key] = int(line.split(":")[1].replace(",", ""))
+    assert "without gradient checkpointing" in out and "with gradient checkpointing" in out and " in 24 GB" in out
+    return counts
+
+
+def test_dry_run_counts_match_the_real_architectures(capsys):
+    h, i, layers, vocab = 3072, 8192, 32, 32064  # Phi-3-mini-4k
+    phi3 = 2 * vocab * h + layers * (h * 3 * h + h * h + h * 2 * i + i * h + 2 * h) + h
+    vh, vi, vlayers = 1024, 4096, 24  # CLIP ViT-L/14 vision tower at 224 px: 16 x 16 patches + CLS
+    clip = 3 * 14 * 14 * vh + vh + 257 * vh + 2 * vh + vlayers * (4 * (vh * vh + vh) + 4 * vh + 2 * vh * vi + vi + vh)
+    clip += 2 * vh  # post_layernorm
+    adapter = (vh * 1024 + 1024) + (1024 * h + h)
+    assert abs(phi3 / 3.82e9 - 1) < 0.005 and abs(clip / 303e6 - 1) < 0.005
+    counts = _dry_run_counts(capsys, "--phase_one", "--config", str(CONFIGS / "phi_clip.yaml"))
+    assert counts == {"total parameters": phi3 + clip + adapter, "trainable parameters": adapter}
+
+    r = 64  # phi_clip_p2.yaml: Phi-3 qkv_proj (h -> 3h) and o_proj; CLIP q_proj, v_proj, out_proj (vh -> vh)
+    lora_text = layers * r * ((h + 3 * h) + (h + h))
+    lora_vision = vlayers * r * 3 * (vh + vh)
+    counts = _dry_run_counts(capsys, "--config", str(CONFIGS / "phi_clip_p2.yaml"))
+    assert counts["trainable parameters"] == adapter + lora_text + lora_vision
+    assert counts["total parameters"] == phi3 + clip + adapter + lora_text + lora_vision
+
+
+def test_embedded_architectures_agree_with_the_published_configs():
+    phi3 = SHARED_DATA / "configs" / "phi-3-mini-4k-instruct" / "config.transcribed_from_tensorrt_llm.json"
+    clip = SHARED_DATA / "configs" / "clip-vit-large-patch14" / "config.json"
+    if not (phi3.exists() and clip.exists()):
+        pytest.skip("shared model configs not present")
+    published = {"microsoft/Phi-3-mini-4k-instruct": json.loads(phi3.read_text())}
+    published["openai/clip-vit-large-patch14"] = {"model_type": "clip_vision_model"}
+    published["openai/clip-vit-large-patch14"].update(json.loads(clip.read_text())["vision_config"])
+    for name, values in dry_run.KNOWN_ARCHITECTURES.items():
+        for key, value in values.items():
+            assert published[name][key] == value, (name, key)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def test_phases_write_loadable_models_rotate_checkpoints_and_log_progress(tmp_path, demo_dir, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    bad = demo_dir / "images" / "bad.png"
+    annotations = json.loads((demo_dir / "captions_train.json").read_text())
+    annotations["images"].append({"id": 10**6, "file_name": bad.name, "width": 64, "height": 64})
+    annotations["annotations"].append({"id": 10**6, "image_id": 10**6, "caption": "a red circle"})
+    bad.write_bytes(b"not a png")
+    train_file = tmp_path / "train.json"
+    train_file.write_text(json.dumps(annotations))
+    one = tiny_config(demo_dir, tmp_path / "p1", text_warmup={"steps": 2, "batch_size": 8})
+    one["data"]["train"]["annotation_file"] = str(train_file)
+    one["training_args"].update(max_steps=6, num_train_epochs=1)
+    (tmp_path / "p1" / "checkpoint-1").mkdir(parents=True)  # an incomplete leftover of a killed run
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", one))]) == 0
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-4", "checkpoint-6"]
+    assert not (tmp_path / "p1" / "checkpoint-1").exists()
+    log = caplog.text
+    assert "step 4 caption" in log and "bad image(s) skipped" in log
+    assert any("epoch" in r.message and "1 bad image(s)" in r.message for r in caplog.records), log
+
+    two = write(tmp_path / "two.yaml", phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=2))
+    assert train.main(["--config", str(two)]) == 0
+    model = PhiClipMLLM.from_pretrained(tmp_path / "p2")
+    assert model.config.lora_text["r"] == 4 and (tmp_path / "p2" / "lora_vision").is_dir()
+    assert isinstance(generate(model, "Describe this image. <|placeholder1|>", [bad.with_name("000001.png")])[0], str)
+    assert train.main(["--config", str(two)]) == 2  # a fresh run refuses to mix with an earlier run's checkpoints
+
+
+def _weights(directory: Path) -> dict:
+    tensors = {f"adapter.{k}": v for k, v in load_file(directory / "adapter.safetensors").items()}
+    for name in ("lora_text", "lora_vision"):
+        tensors.update({f"{name}.{k}": v for k, v in load_file(directory / name / "adapter_model.safetensors").items()})
+    return tensors
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, demo_dir):
+    one = tiny_config(demo_dir, tmp_path / "p1")
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", one))]) == 0
+    steps = {"max_steps": 30, "save_steps": 3, "eval_steps": 9, "save_total_limit": 3}
+    whole = write(tmp_path / "whole.yaml", phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "whole", **steps))
+    assert train.main(["--config", str(whole)]) == 0
+
+    cut = write(tmp_path / "cut.yaml", phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "cut", **steps))
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(cut)],
+        cwd=tmp_path,
+        env=ONE_THREAD,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    second = tmp_path / "cut" / "checkpoint-6" / train.COMPLETE_MARKER
+    deadline = time.time() + 120
+    while not second.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    (tmp_path / "cut" / "checkpoint-99").mkdir()  # as if killed while writing a later checkpoint
+    assert train.complete_checkpoints(tmp_path / "cut")[-1].name != "checkpoint-99"
+    assert train.main(["--config", str(cut), "--resume"]) == 0
+
+    expected, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert expected.keys() == resumed.keys() and len(expected) > 10
+    for key, tensor in expected.items():
+        assert (tensor - resumed[key]).abs().max() <= 1e-6, key
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, demo_dir):
+    def run(name: str, batch_size: int, launcher: list[str]) -> list[float]:
+        config = tiny_config(demo_dir, tmp_path / name)
+        config["training_args"].update(batch_size=batch_size, max_steps=5, save_steps=5, eval_steps=None)
+        path = write(tmp_path / f"{name}.yaml", config)
+        result = subprocess.run(
+            [*launcher, str(ROOT / "train.py"), "--phase_one", "--config", str(path)],
+            cwd=tmp_path,
+            env=ONE_THREAD,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        checkpoints = train.complete_checkpoints(tmp_path / name)
+        assert [c.name for c in checkpoints] == ["checkpoint-5"]
+        state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    two = run("ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-5").glob("rng_state_*")) == [
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    ]  # each rank keeps its own RNG state for resume; everything else is written by rank 0
+    PhiClipMLLM.from_pretrained(tmp_path / "ddp")
+    one = run("single", 8, [sys.executable])
+    assert len(two) == len(one) == 5
+    assert two == pytest.approx(one, rel=1e-4)
