@@ -31,6 +31,7 @@ __all__ = ["IMAGE_TOKEN", "MultimodalProjector", "PhiClipConfig", "PhiClipMLLM",
 
 ADAPTER_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+CONTIGUOUS_VALUE_SDPA = "sdpa_contiguous_value"
 
 
 @dataclass
@@ -382,6 +383,27 @@ class PhiClipMLLM(nn.Module):
         return model.to(device) if device is not None else model
 
 
+def _attention_with_contiguous_value() -> str:
+    """Register (once) SDPA attention that is handed a contiguous copy of `value`; returns its name.
+
+    Phi-3 slices q, k and v out of one fused qkv_proj output. RoPE turns q and k into new tensors, but v stays a
+    view, so the v that SDPA saves for backward pins the whole fused output (3 hidden-size values per token and
+    layer instead of 1). transformers has no switch for this, so it is written here; outputs are bit-identical.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if CONTIGUOUS_VALUE_SDPA not in AttentionInterface._global_mapping:
+
+        def attention(module, query, key, value, *args, **kwargs):
+            return sdpa_attention_forward(module, query, key, value.contiguous(), *args, **kwargs)
+
+        AttentionInterface.register(CONTIGUOUS_VALUE_SDPA, attention)
+        AttentionMaskInterface.register(CONTIGUOUS_VALUE_SDPA, sdpa_mask)
+    return CONTIGUOUS_VALUE_SDPA
+
+
 def _without_lora(state_dict: dict) -> dict:
     # A LoRA-wrapped layer stores its frozen weight as `<layer>.base_layer.weight`; give back the plain names.
     return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
@@ -452,4 +474,6 @@ def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None
             model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
         except OSError as error:
             raise OSError(f"model.{name}_model: cannot load {source!r} ({error})") from error
+    if name == "text" and attn == "sdpa":
+        model.set_attn_implementation(_attention_with_contiguous_value())
     return model

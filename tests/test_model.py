@@ -282,3 +282,20 @@ def test_trained_model_stops_at_end_token(make_model):
         model(**batch).loss.backward()
         optimizer.step()
     assert generate(model, [PROMPTS[0]], [random_image(0)], max_new_tokens=20) == ["a red circle"]
+
+
+def test_sdpa_with_contiguous_value_is_bit_identical_to_sdpa(make_model):
+    # model.py hands SDPA a contiguous v so that backward does not pin Phi-3's fused qkv output (memory only).
+    results = []
+    for plain in (False, True):
+        model = make_model(attn_implementation="sdpa").setup_lora(TEXT_LORA).train()
+        assert model.text_model.config._attn_implementation == "sdpa_contiguous_value"
+        if plain:
+            model.text_model.set_attn_implementation("sdpa")
+        batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=0, rtol=0)

@@ -293,7 +293,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
         return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
-    two = run("ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    two = run("ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-5").glob("rng_state_*")) == [
         "rng_state_0.pth",
         "rng_state_1.pth",
