@@ -28,33 +28,16 @@ import torch
 from PIL import Image
 
 from dataset import CAPTION_INSTRUCTIONS, build_word_tokenizer
+from dry_run import KNOWN_ARCHITECTURES
 from generate import generate
 from model import CONTIGUOUS_VALUE_SDPA, IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM, PhiClipProcessor
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared" / "data"
 
-REAL_TEXT = dict(
-    model_type="phi3",
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-REAL_VISION = dict(
-    model_type="clip_vision_model",
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-)
+# The real architectures, as --dry_run knows them (token ids dropped: the scaled configs shrink the vocabulary).
+REAL_TEXT = {k: v for k, v in KNOWN_ARCHITECTURES["microsoft/Phi-3-mini-4k-instruct"].items() if "token_id" not in k}
+REAL_VISION = dict(KNOWN_ARCHITECTURES["openai/clip-vit-large-patch14"])
 # Scaled down keeping the real FLOP split (flops()): head dims 96 / 64 as Phi-3 / CLIP, 224 px at patch 14.
 CPU_TEXT = {
     **REAL_TEXT,
