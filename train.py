@@ -47,6 +47,7 @@ SCHEMA: dict[str, Any] = {
     "checkpoint": {"output_dir": ((str,), REQUIRED), "load_dir": ((str, NONE), None)},
     "phase_one": {"annotation_file": ((str,), REQUIRED), "image_directory": ((str,), REQUIRED)},
     "data": {"train": ((dict, NONE), None), "val": ((dict, NONE), None), "num_workers": ((int,), 2),
+             "on_bad_image": ((str,), "skip"),
              "eval_captions": ((int,), 4)},
     "training_args": {
         "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
@@ -155,6 +156,13 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         require(data["train"] is None, "give the training data once: phase_one (the seed's keys) or data.train")
         data["train"] = {"format": "coco", **config["phase_one"]}
     require(phase is None or data["train"] is not None, "no training data: add data.train or phase_one")
+    policies = ("skip", "error")
+    require(
+        data["on_bad_image"] in policies, f"data.on_bad_image must be one of {policies}, got {data['on_bad_image']!r}"
+    )
+    for split in ("train", "val"):  # data.on_bad_image is the default of both splits; a split may set its own
+        if data[split] is not None:
+            data[split].setdefault("on_bad_image", data["on_bad_image"])
     for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "learning_rate"):
         require(args[key] > 0, f"training_args.{key} must be positive, got {args[key]}")
     schedulers = [s.value for s in SchedulerType]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 import dry_run
 import train
-from dataset import make_demo
+from dataset import BadImageError, make_demo
 from generate import generate
 from model import PhiClipMLLM
 
@@ -110,7 +111,7 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
     assert loaded["training_args"]["learning_rate"] == 1e-4  # YAML's "1e-4" string became a float
     assert loaded["text_warmup"] == {"steps": 7, "learning_rate": 1e-3, "batch_size": 32, "describe": True}
     assert loaded["training_args"]["gradient_accumulation_steps"] == 1 and loaded["peft_text"] is None
-    assert loaded["data"]["train"] == {"format": "coco", **config["phase_one"]}
+    assert loaded["data"]["train"] == {"format": "coco", **config["phase_one"], "on_bad_image": "skip"}
     assert loaded["path"] == str(path)
     for name, phase in (("phi_clip.yaml", "one"), ("phi_clip_p2.yaml", "two"), ("tiny.yaml", "one")):
         train.load_config(CONFIGS / name, phase=phase, check_paths=False)
@@ -232,6 +233,22 @@ def test_phases_write_loadable_models_rotate_checkpoints_and_log_progress(tmp_pa
     assert model.config.lora_text["r"] == 4 and (tmp_path / "p2" / "lora_vision").is_dir()
     assert isinstance(generate(model, "Describe this image. <|placeholder1|>", [bad.with_name("000001.png")])[0], str)
     assert train.main(["--config", str(two)]) == 2  # a fresh run refuses to mix with an earlier run's checkpoints
+
+
+def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir):
+    bad = tmp_path / "images"
+    shutil.copytree(demo_dir / "images", bad)
+    first = json.loads((demo_dir / "captions_train.json").read_text())["images"][0]["file_name"]
+    (bad / first).write_bytes(b"")  # a zero-byte training image; 8 steps x 8 samples cover all 64
+    config = tiny_config(demo_dir, tmp_path / "p1", data={"on_bad_image": "error", "num_workers": 0})
+    config["data"]["train"] = {
+        "format": "coco",
+        "annotation_file": str(demo_dir / "captions_train.json"),
+        "image_directory": str(bad),
+    }
+    config["training_args"].update(max_steps=8, eval_steps=None, save_steps=100)
+    with pytest.raises(BadImageError, match=rf"{first}: empty file"):
+        train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config))])
 
 
 def _weights(directory: Path) -> dict:
