@@ -53,7 +53,7 @@ SCHEMA: dict[str, Any] = {
         "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
         "batch_size": ((int,), 8), "eval_batch_size": ((int, NONE), None), "gradient_accumulation_steps": ((int,), 1),
         "warmup_steps": ((float,), 0.03), "lr_scheduler": ((str,), "cosine"), "weight_decay": ((float,), 0.0),
-        "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False), "save_steps": ((int,), 500),
+        "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False), "torch_compile": ((bool,), False), "save_steps": ((int,), 500),
         "save_total_limit": ((int, NONE), 2), "logging_steps": ((int,), 10), "eval_steps": ((int, NONE), 500),
         "report_to": ((str, list), "auto"),
     },
@@ -315,6 +315,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
         model.setup_lora(config["peft_text"], config["peft_vision"])
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
+    if config["training_args"]["torch_compile"]:
+        model.compile_language_model()
     return model
 
 

@@ -299,3 +299,18 @@ def test_sdpa_with_contiguous_value_is_bit_identical_to_sdpa(make_model):
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], atol=0, rtol=0)
+
+
+def test_compiled_language_model_computes_the_same_loss_and_gradients(make_model):
+    results = []
+    for compiled in (False, True):
+        model = make_model(attn_implementation="sdpa").setup_lora(TEXT_LORA).train()
+        if compiled:
+            model.compile_language_model(backend="eager")  # dynamo's tracing without inductor's slow CPU codegen
+        batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name])
