@@ -51,12 +51,11 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from processor import IMAGE_TOKEN, REQUIRED_TOKENS
+
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|placeholder1|>"
-
-# Phi-3's special tokens; a tokenizer built for the tiny demo must carry them too.
-PHI3_SPECIAL_TOKENS = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|end|>", "<|user|>"]
+PHI3_SPECIAL_TOKENS = list(REQUIRED_TOKENS)  # a tokenizer built for the tiny demo must carry them too
 
 # The same markup as Phi-3-mini-instruct's template, so the demo tokenizer formats chats identically.
 PHI3_CHAT_TEMPLATE = (

@@ -18,14 +18,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<|placeholder1|>"
 ANSWER_SEPARATOR = "<|placeholder2|>"  # the seed format puts it between prompt and answer
-REQUIRED_TOKENS = (
-    "<|placeholder1|>",
-    "<|placeholder2|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|end|>",
-    "<|endoftext|>",
-)
+# Phi-3's special tokens the prompt formats use (in Phi-3's id order; the tiny demo tokenizer adds them so).
+REQUIRED_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|end|>", "<|user|>")
 PROMPT_FORMATS = ("chat", "seed")
 
 
