@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from processor import IMAGE_TOKEN, REQUIRED_TOKENS
@@ -92,7 +92,7 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return _to_rgb(_upright(image))
     path = Path(image)
     try:
         if path.stat().st_size == 0:
@@ -108,7 +108,7 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
                         f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
                     )
                 opened.load()
-                return _to_rgb(ImageOps.exif_transpose(opened))
+                return _to_rgb(_upright(opened))
     except BadImageError:
         raise
     except FileNotFoundError as error:
@@ -117,6 +117,13 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
         raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from error
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise BadImageError(f"{path}: cannot be decoded as an image ({error})") from error
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # exif_transpose returns a copy even of an upright image; the collator sees every image a second time.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
