@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bench import (
+from bench_pair import (
     PLAIN,
     REAL_TEXT,
     REAL_VISION,

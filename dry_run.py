@@ -13,40 +13,10 @@ from pathlib import Path
 
 import torch
 
+from config import KNOWN_ARCHITECTURES, ConfigError, torch_dtype
 from model import PhiClipConfig, PhiClipMLLM
-from train import DTYPES, ConfigError
+from processor import build_word_tokenizer
 
-# Used when a hub name is not available offline (numbers from the models' published config.json files).
-KNOWN_ARCHITECTURES = {
-    "microsoft/Phi-3-mini-4k-instruct": dict(
-        model_type="phi3",
-        vocab_size=32064,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=32000,
-        pad_token_id=32000,
-    ),
-    "openai/clip-vit-large-patch14": dict(
-        model_type="clip_vision_model",
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-    ),
-}
 STAND_IN_VOCABULARY = 32064  # Phi-3-mini's embedding rows, when no tokenizer is available offline
 ANSWER_TOKENS = 64  # supervised tokens per sample assumed for the logits term (COCO captions are shorter)
 
@@ -129,8 +99,6 @@ def dry_run(config: dict, phase: str, gpu_memory_gb: float = 24.0) -> str:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, local_files_only=True)
         vocabulary = f"{tokenizer_source} ({len(tokenizer)} tokens)"
     except (OSError, ValueError, TypeError):
-        from dataset import build_word_tokenizer
-
         tokenizer = build_word_tokenizer(["a"], vocab_size=300)  # has the special tokens the processor checks
         text.setdefault("vocab_size", STAND_IN_VOCABULARY)
         vocabulary = f"stand-in for {tokenizer_source!r} (unavailable offline), vocabulary {text['vocab_size']}"
@@ -140,7 +108,7 @@ def dry_run(config: dict, phase: str, gpu_memory_gb: float = 24.0) -> str:
     with torch.device("meta"):
         model = PhiClipMLLM(
             PhiClipConfig.from_dict(model_config),
-            dtype=DTYPES[config["dtype"]],
+            dtype=torch_dtype(config["dtype"]),
             tokenizer=tokenizer,
             image_processor=object(),
         ).prime_model("one")

@@ -7,12 +7,13 @@ An image takes one path, in training and in generation:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging as hf_logging
 
-from processor import IMAGE_TOKEN, PROMPT_FORMATS, PhiClipProcessor, image_processor_class
+from config import PhiClipConfig
+from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 
 logger = logging.getLogger(__name__)
 
@@ -32,63 +35,6 @@ __all__ = ["IMAGE_TOKEN", "MultimodalProjector", "PhiClipConfig", "PhiClipMLLM",
 ADAPTER_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 CONTIGUOUS_VALUE_SDPA = "sdpa_contiguous_value"
-
-
-@dataclass
-class PhiClipConfig:
-    """Everything needed to rebuild a PhiClipMLLM; saved as config.json in each checkpoint directory.
-
-    `text_model` / `vision_model` are a hub id or local path, or a dict of model-config values with `model_type`
-    (`phi3`, `clip_vision_model`) for a randomly initialised backbone.
-    """
-
-    text_model: str | dict = "microsoft/Phi-3-mini-4k-instruct"
-    vision_model: str | dict = "openai/clip-vit-large-patch14"
-    tokenizer: str | None = None  # defaults to text_model when that is a name/path
-    adapter_dim: int | None = 1024  # hidden width of the MLP adapter; None = a single linear layer
-    adapter_activation: str = "gelu"
-    normalize: bool = True  # L2-normalise projected image embeddings, as the seed did
-    vision_feature_layer: int = -1  # hidden_states index: -1 = last layer (seed), -2 = LLaVA's choice
-    keep_cls: bool = True  # the seed keeps CLS (257 tokens for CLIP-L/14 at 224 px), LLaVA drops it (256)
-    prompt_format: str = "chat"  # "chat" (Phi-3 chat template) or "seed" (the original raw text)
-    max_length: int = 1024  # tokens per sample, image tokens included
-    attn_implementation: str = "sdpa"
-    lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
-    lora_vision: dict | None = None
-    saved_backbones: list[str] = field(default_factory=list)  # backbones stored in full inside the checkpoint
-
-    def __post_init__(self) -> None:
-        for key in ("text_model", "vision_model"):
-            value = getattr(self, key)
-            if isinstance(value, dict):
-                if "model_type" not in value:
-                    raise ValueError(f"model.{key}: an inline config needs a 'model_type' key, got {sorted(value)}")
-            elif not isinstance(value, str) or not value:
-                raise ValueError(f"model.{key}: expected a hub id, a local path or a config dict, got {value!r}")
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
-        if self.adapter_activation not in ACT2FN:
-            raise ValueError(f"model.adapter_activation: unknown activation {self.adapter_activation!r}")
-        if self.adapter_dim is not None and (not isinstance(self.adapter_dim, int) or self.adapter_dim <= 0):
-            raise ValueError(f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}")
-        if not isinstance(self.max_length, int) or self.max_length <= 0:
-            raise ValueError(f"model.max_length: expected a positive integer, got {self.max_length!r}")
-        if not isinstance(self.vision_feature_layer, int):
-            raise ValueError(f"model.vision_feature_layer: expected an integer, got {self.vision_feature_layer!r}")
-        if self.tokenizer is None and isinstance(self.text_model, dict):
-            raise ValueError("model.tokenizer: required when model.text_model is an inline config dict")
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "model") -> PhiClipConfig:
-        """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -262,7 +208,8 @@ class PhiClipMLLM(nn.Module):
             backbone = getattr(self, f"{name}_model")
             settings = dict(settings)
             _check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
-            setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
+            with quiet_loading():
+                setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
             setattr(self.config, f"lora_{name}", settings)
         self.vision_adapter.float().requires_grad_(True)
         return self
@@ -324,7 +271,8 @@ class PhiClipMLLM(nn.Module):
             stored = f"{name}_model" in config.saved_backbones
             if isinstance(getattr(config, f"{name}_model"), dict) or stored or merge_lora:
                 base = backbone.get_base_model() if has_lora else backbone
-                base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
+                with quiet_loading():
+                    base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
                 if not stored:
                     config.saved_backbones.append(f"{name}_model")
                     if merge_lora:
@@ -377,11 +325,9 @@ class PhiClipMLLM(nn.Module):
                 if not (lora_dir / "adapter_config.json").is_file():
                     raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
                 backbone = getattr(model, f"{name}_model")
-                setattr(
-                    model,
-                    f"{name}_model",
-                    PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable),
-                )
+                with quiet_loading():
+                    backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
+                setattr(model, f"{name}_model", backbone)
         model.vision_adapter.load_state_dict(load_file(path / ADAPTER_FILE))
         model.requires_grad_(False)
         if trainable:
@@ -411,6 +357,30 @@ def _attention_with_contiguous_value() -> str:
         AttentionInterface.register(CONTIGUOUS_VALUE_SDPA, attention)
         AttentionMaskInterface.register(CONTIGUOUS_VALUE_SDPA, sdpa_mask)
     return CONTIGUOUS_VALUE_SDPA
+
+
+# A full CLIP checkpoint (openai/clip-vit-large-patch14 is one) also holds the text tower and projections.
+CLIP_NON_VISION_KEYS = (r"(^|\.)text_model\.", r"(^|\.)(text|visual)_projection\.", r"(^|\.)logit_scale$")
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Load or save backbones without transformers' per-file progress bars, the FutureWarning peft triggers on
+    transformers 5 (`is_gradient_checkpointing`), or a load report listing a full CLIP checkpoint's text-tower
+    weights as UNEXPECTED (the vision tower never needs them; missing or mismatched weights are still reported).
+    """
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    ignored = CLIPVisionModel._keys_to_ignore_on_load_unexpected
+    CLIPVisionModel._keys_to_ignore_on_load_unexpected = [*(ignored or []), *CLIP_NON_VISION_KEYS]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            yield
+    finally:
+        CLIPVisionModel._keys_to_ignore_on_load_unexpected = ignored
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _without_lora(state_dict: dict) -> dict:
@@ -480,7 +450,8 @@ def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None
             model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
     else:
         try:
-            model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+            with quiet_loading():
+                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
         except OSError as error:
             raise OSError(f"model.{name}_model: cannot load {source!r} ({error})") from error
     if name == "text" and attn == "sdpa":

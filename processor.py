@@ -3,24 +3,41 @@
 The one path text and images take into the model, in training (answers, right padding) and in generation (left
 padding, a generation prompt). Each <|placeholder1|> is expanded here, once, to the model's number of image tokens,
 so attention masks, positions and labels line up with the image embeddings the model scatters in.
+
+Also what the processor needs and no data source does: robust image loading (`load_image`: EXIF rotation, odd
+modes, bombs; BadImageError) and `build_word_tokenizer` (a small tokenizer with Phi-3's special tokens).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import ExifTags, Image, ImageOps
 from transformers.utils import is_torchvision_available
+
+from config import IMAGE_TOKEN, PROMPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|placeholder1|>"
+__all__ = ["IMAGE_TOKEN", "PROMPT_FORMATS", "BadImageError", "PhiClipProcessor", "build_word_tokenizer", "load_image"]
+
 ANSWER_SEPARATOR = "<|placeholder2|>"  # the seed format puts it between prompt and answer
 # Phi-3's special tokens the prompt formats use (in Phi-3's id order; the tiny demo tokenizer adds them so).
 REQUIRED_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|end|>", "<|user|>")
-PROMPT_FORMATS = ("chat", "seed")
+PHI3_SPECIAL_TOKENS = list(REQUIRED_TOKENS)  # a tokenizer built for the tiny demo must carry them too
+# The same markup as Phi-3-mini-instruct's template, so the demo tokenizer formats chats identically.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Images above this are refused before decoding (PIL's own bomb guard only warns below 2x its limit).
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 class PhiClipProcessor:
@@ -160,8 +177,6 @@ class PhiClipProcessor:
             raise ValueError("every sample of the batch was dropped: no supervised tokens left")
         batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
         if kept_images:
-            from dataset import load_image  # dataset.py owns robust image decoding (EXIF, modes, bombs)
-
             pil_images = [load_image(image) for image in kept_images]
             batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
         return batch
@@ -208,3 +223,101 @@ def image_processor_class():
     from transformers import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil
+
+
+# ------------------------------------------------------------------------------------------------ images
+class BadImageError(ValueError):
+    """An image that cannot be used: missing, empty, corrupt, truncated or too large."""
+
+
+def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """Open a path, PIL image or HxW[xC] array as an upright RGB PIL image; raise BadImageError if unusable."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        return _to_rgb(_upright(image))
+    path = Path(image)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Our own limit below decides; PIL's warning between its two thresholds would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise BadImageError(
+                        f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
+                        f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
+                    )
+                opened.load()
+                return _to_rgb(_upright(opened))
+    except BadImageError:
+        raise
+    except FileNotFoundError as error:
+        raise BadImageError(f"{path}: file not found") from error
+    except Image.DecompressionBombError as error:
+        raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from error
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        raise BadImageError(f"{path}: cannot be decoded as an image ({error})") from error
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # exif_transpose returns a copy even of an upright image; the collator sees every image a second time.
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        # PIL's convert("RGB") clips wide greys to 255 instead of scaling them down.
+        array = np.asarray(image, dtype=np.float64)
+        white = _white_level(image.mode, float(array.max()) if array.size else 0.0)
+        image = Image.fromarray(np.clip(np.rint(array * (255.0 / white)), 0, 255).astype(np.uint8))
+    if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
+        # Composite transparency on white rather than letting it turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _white_level(mode: str, peak: float) -> float:
+    # 16-bit files say so in their mode; 32-bit int/float images carry no range, so guess it from the data.
+    if mode.startswith("I;16"):
+        return 65535.0
+    for level in (1.0, 255.0, 65535.0) if mode == "F" else (255.0, 65535.0):
+        if peak <= level:
+            return level
+    return peak
+
+
+def build_word_tokenizer(texts: list[str], vocab_size: int = 512):
+    """Train a small byte-level BPE tokenizer with Phi-3's special tokens (the tiny demo's and tests' tokenizer).
+
+    Byte-level, so any text round-trips exactly; trained on ``texts`` so demo captions are a few tokens each.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=PHI3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+    )
+    tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+    return tokenizer

@@ -1,0 +1,430 @@
+"""Configs: PhiClipConfig (a model's config.json) and the training YAML (schema, defaults, --set, validation).
+
+Every command reads its config through this module, and everything here is checked before data or weights are
+loaded: a bad value is a ConfigError naming the file, the key, the value and what was expected. It imports neither
+torch nor any project module, so `--help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGE_TOKEN = "<|placeholder1|>"  # where an image goes in a prompt (Phi-3's spare special token)
+PROMPT_FORMATS = ("chat", "seed")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+REPORT_TO = (
+    "auto",  # ours: tensorboard when installed, else none
+    "none",
+    "all",
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "kubeflow",
+    "mlflow",
+    "neptune",
+    "swanlab",
+    "tensorboard",
+    "trackio",
+    "wandb",
+)
+
+# The published architectures (their config.json values), for checks and dry runs that must not need the hub.
+KNOWN_ARCHITECTURES = {
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3",
+        vocab_size=32064,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=32000,
+        pad_token_id=32000,
+    ),
+    "openai/clip-vit-large-patch14": dict(
+        model_type="clip_vision_model",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; raised before any model or data is loaded."""
+
+
+# ------------------------------------------------------------------------------------------- model config
+@dataclass
+class PhiClipConfig:
+    """Everything needed to rebuild a PhiClipMLLM; saved as config.json in each checkpoint directory.
+
+    `text_model` / `vision_model` are a hub id or local path, or a dict of model-config values with `model_type`
+    (`phi3`, `clip_vision_model`) for a randomly initialised backbone.
+    """
+
+    text_model: str | dict = "microsoft/Phi-3-mini-4k-instruct"
+    vision_model: str | dict = "openai/clip-vit-large-patch14"
+    tokenizer: str | None = None  # defaults to text_model when that is a name/path
+    adapter_dim: int | None = 1024  # hidden width of the MLP adapter; None = a single linear layer
+    adapter_activation: str = "gelu"
+    normalize: bool = True  # L2-normalise projected image embeddings, as the seed did
+    vision_feature_layer: int = -1  # hidden_states index: -1 = last layer (seed), -2 = LLaVA's choice
+    keep_cls: bool = True  # the seed keeps CLS (257 tokens for CLIP-L/14 at 224 px), LLaVA drops it (256)
+    prompt_format: str = "chat"  # "chat" (Phi-3 chat template) or "seed" (the original raw text)
+    max_length: int = 1024  # tokens per sample, image tokens included
+    attn_implementation: str = "sdpa"
+    lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
+    lora_vision: dict | None = None
+    saved_backbones: list[str] = field(default_factory=list)  # backbones stored in full inside the checkpoint
+
+    def __post_init__(self) -> None:
+        for key in ("text_model", "vision_model"):
+            value = getattr(self, key)
+            if isinstance(value, dict):
+                if "model_type" not in value:
+                    raise ValueError(f"model.{key}: an inline config needs a 'model_type' key, got {sorted(value)}")
+            elif not isinstance(value, str) or not value:
+                raise ValueError(f"model.{key}: expected a hub id, a local path or a config dict, got {value!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.adapter_dim is not None and (not _is_int(self.adapter_dim) or self.adapter_dim <= 0):
+            raise ValueError(f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}")
+        if not _is_int(self.max_length) or self.max_length <= 0:
+            raise ValueError(f"model.max_length: expected a positive integer, got {self.max_length!r}")
+        if not _is_int(self.vision_feature_layer) or self.vision_feature_layer == 0:
+            raise ValueError(
+                f"model.vision_feature_layer: expected a non-zero integer (-1 = last layer), "
+                f"got {self.vision_feature_layer!r}"
+            )
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"model.attn_implementation: expected one of {ATTENTION_IMPLEMENTATIONS}, "
+                f"got {self.attn_implementation!r}"
+            )
+        for key in ("normalize", "keep_cls"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.{key}: expected true or false, got {getattr(self, key)!r}")
+        from transformers.activations import ACT2FN  # imports torch: only once a model config is really read
+
+        if self.adapter_activation not in ACT2FN:
+            raise ValueError(
+                f"model.adapter_activation: unknown activation {self.adapter_activation!r}; "
+                f"e.g. gelu, relu, silu, quick_gelu"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model") -> PhiClipConfig:
+        """Build from a dict, rejecting unknown keys with a message that lists the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        """config.json's text (transformers' logging integrations read a model's config this way)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def backbone_architecture(source: str | dict) -> dict | None:
+    """A backbone's config values without the hub: inline, a local directory's config.json, or a known name."""
+    if isinstance(source, dict):
+        return dict(source)
+    local = Path(source).expanduser() / "config.json"
+    if local.is_file():
+        values = json.loads(local.read_text())
+        return values.get("vision_config", values) if values.get("model_type") == "clip" else values
+    return dict(KNOWN_ARCHITECTURES[source]) if source in KNOWN_ARCHITECTURES else None
+
+
+# -------------------------------------------------------------------------------------------- training YAML
+REQUIRED, NONE = object(), type(None)
+# key: (accepted types, default); a nested dict is a section.
+# fmt: off
+SCHEMA: dict[str, Any] = {
+    "dtype": ((str,), "bfloat16"), "seed": ((int,), 42), "model": ((dict,), None),
+    "checkpoint": {"output_dir": ((str,), REQUIRED), "load_dir": ((str, NONE), None)},
+    "phase_one": {"annotation_file": ((str,), REQUIRED), "image_directory": ((str,), REQUIRED)},
+    "data": {"train": ((dict, NONE), None), "val": ((dict, NONE), None), "num_workers": ((int,), 2),
+             "on_bad_image": ((str,), "skip"), "eval_captions": ((int,), 4)},
+    "training_args": {
+        "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
+        "batch_size": ((int,), 8), "eval_batch_size": ((int, NONE), None), "gradient_accumulation_steps": ((int,), 1),
+        "warmup_steps": ((float,), 0.03), "lr_scheduler": ((str,), "cosine"), "weight_decay": ((float,), 0.0),
+        "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False),
+        "torch_compile": ((bool,), False), "save_steps": ((int,), 500), "save_total_limit": ((int, NONE), 2),
+        "logging_steps": ((int,), 10), "eval_steps": ((int, NONE), 500), "report_to": ((str, list), "auto"),
+    },
+    "peft_text": ((dict, NONE), None), "peft_vision": ((dict, NONE), None),
+    "text_warmup": {"steps": ((int,), 0), "learning_rate": ((float,), 1e-3), "batch_size": ((int,), 32),
+                    "describe": ((bool,), True)},
+}
+# fmt: on
+OPTIONAL_SECTIONS = {"phase_one"}
+DATA_PATH_KEYS = ("annotation_file", "image_directory", "data_dir")  # dataset.py's path keys
+LORA_KEYS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "use_rslora",
+    "use_dora",
+    "init_lora_weights",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "exclude_modules",
+    "fan_in_fan_out",
+)
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | tuple = (), phase: str | None = None, check_paths: bool = True
+) -> dict[str, Any]:
+    """Read, override (`key.sub=value`, YAML-typed) and validate a training config.
+
+    Returns the whole config as nested plain dicts with every key of SCHEMA present (defaults filled in), plus
+    `config["path"]` (the file) and `data.train` filled from the seed's `phase_one` section when that is used.
+    `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). `phase` ("one"/"two"/None)
+    adds that phase's checks; `check_paths=False` skips file-existence checks (dry runs). Raises ConfigError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected key.sub=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {override!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    config = _validate(raw, SCHEMA, path, "")
+    config["path"] = str(path)
+    _check_semantics(config, path, phase, check_paths)
+    return config
+
+
+def _validate(values: dict, schema: dict, path: Path, where: str) -> dict:
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        section = f" in {where[:-1]}" if where else ""
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(where + k for k in unknown)}; valid keys{section}: {list(schema)}"
+        )
+    result = {}
+    for key, spec in schema.items():
+        name, value = where + key, values.get(key)
+        if isinstance(spec, dict):  # a section
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{path}: {name} must be a section (a mapping), got {value!r}")
+            skip = value is None and key in OPTIONAL_SECTIONS
+            result[key] = None if skip else _validate(value or {}, spec, path, name + ".")
+            continue
+        types, default = spec
+        if key not in values:
+            if default is REQUIRED:
+                raise ConfigError(f"{path}: {name} is required")
+            result[key] = default
+            continue
+        if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads `1e-4` (no dot) as a string
+                value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join("null" if t is NONE else t.__name__ for t in types)
+            raise ConfigError(f"{path}: {name} must be {wanted}, got {value!r}")
+        result[key] = value
+    return result
+
+
+def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: bool) -> None:
+    def require(condition: Any, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{path}: {message}")
+
+    require(config["dtype"] in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}, got {config['dtype']!r}")
+    require(config["model"] is not None or phase != "one", "model is required for phase one")
+    if config["model"] is not None:
+        try:
+            model = PhiClipConfig.from_dict(config["model"], where="model")
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+        _check_feature_layer(model, require)
+    data, args, ckpt = config["data"], config["training_args"], config["checkpoint"]
+    if config["phase_one"] is not None:
+        require(data["train"] is None, "give the training data once: phase_one (the seed's keys) or data.train")
+        data["train"] = {"format": "coco", **config["phase_one"]}
+    require(phase is None or data["train"] is not None, "no training data: add data.train or phase_one")
+    policies = ("skip", "error")
+    require(
+        data["on_bad_image"] in policies, f"data.on_bad_image must be one of {policies}, got {data['on_bad_image']!r}"
+    )
+    for split in ("train", "val"):  # data.on_bad_image is the default of both splits; a split may set its own
+        if data[split] is not None:
+            data[split].setdefault("on_bad_image", data["on_bad_image"])
+    require(data["num_workers"] >= 0, f"data.num_workers must be 0 or more, got {data['num_workers']}")
+    require(data["eval_captions"] >= 0, f"data.eval_captions must be 0 or more, got {data['eval_captions']}")
+    _check_training_args(args, require)
+    for name in ("peft_text", "peft_vision"):
+        if config[name] is not None:
+            _check_lora(config[name], name, require)
+    if phase == "two":
+        require(
+            config["peft_text"] or config["peft_vision"],
+            "phase two needs peft_text and/or peft_vision (pass --phase_one to train the adapter only)",
+        )
+        require(ckpt["load_dir"], "checkpoint.load_dir is required for phase two: the phase-one output directory")
+        require(
+            Path(ckpt["load_dir"]).resolve() != Path(ckpt["output_dir"]).resolve(),
+            "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
+        )
+        require(
+            not check_paths or (Path(ckpt["load_dir"]) / "config.json").is_file(),
+            f"checkpoint.load_dir {ckpt['load_dir']!r} is not a phase-one model directory (no config.json); "
+            "run phase one first (python train.py --phase_one --config ...)",
+        )
+    # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
+    paths = [
+        (f"model.{k}", v)
+        for k, v in (config["model"] or {}).items()
+        if k in ("text_model", "vision_model", "tokenizer")
+        and isinstance(v, str)
+        and (v.startswith((".", "/", "~")) or v.count("/") > 1)
+    ]
+    for split in ("train", "val"):
+        paths += [(f"data.{split}.{k}", str(v)) for k, v in (data[split] or {}).items() if k in DATA_PATH_KEYS]
+    for name, value in paths if check_paths else ():
+        require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
+
+
+def _check_feature_layer(model: PhiClipConfig, require) -> None:
+    architecture = backbone_architecture(model.vision_model)
+    layers = (architecture or {}).get("num_hidden_layers")
+    if layers is None:
+        return  # not knowable offline: PhiClipMLLM checks it when the tower is built
+    layer = model.vision_feature_layer
+    require(
+        -layers <= layer <= layers,
+        f"model.vision_feature_layer={layer} is outside the vision model's {layers} layers "
+        f"(use 1..{layers} or -1..-{layers})",
+    )
+
+
+def _check_training_args(args: dict, require) -> None:
+    for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "learning_rate"):
+        require(args[key] > 0, f"training_args.{key} must be positive, got {args[key]}")
+    for key in ("weight_decay", "max_grad_norm"):
+        require(args[key] >= 0, f"training_args.{key} must be 0 or more, got {args[key]}")
+    warmup = args["warmup_steps"]
+    require(
+        0 <= warmup < 1 or float(warmup).is_integer(),
+        f"training_args.warmup_steps must be a fraction below 1 or a whole number of steps, got {warmup}",
+    )
+    require(
+        args["eval_batch_size"] is None or args["eval_batch_size"] > 0,
+        f"training_args.eval_batch_size must be positive or null, got {args['eval_batch_size']}",
+    )
+    require(
+        args["save_total_limit"] is None or args["save_total_limit"] > 0,
+        f"training_args.save_total_limit must be positive or null (keep all), got {args['save_total_limit']}",
+    )
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    require(
+        args["lr_scheduler"] in schedulers,
+        f"training_args.lr_scheduler must be one of {schedulers}, got {args['lr_scheduler']!r}",
+    )
+    report_to = [args["report_to"]] if isinstance(args["report_to"], str) else args["report_to"]
+    unknown = [name for name in report_to if name not in REPORT_TO]
+    require(not unknown, f"training_args.report_to: unknown integration(s) {unknown}; expected some of {REPORT_TO}")
+
+
+def _check_lora(settings: dict, name: str, require) -> None:
+    unknown = sorted(set(settings) - set(LORA_KEYS))
+    require(not unknown, f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys: {list(LORA_KEYS)}")
+    r = settings.get("r", 8)
+    require(_is_int(r) and r > 0, f"{name}.r must be a positive integer, got {r!r}")
+    alpha = settings.get("lora_alpha", 8)
+    require(
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0,
+        f"{name}.lora_alpha must be a positive number, got {alpha!r}",
+    )
+    dropout = settings.get("lora_dropout", 0.0)
+    require(
+        isinstance(dropout, (int, float)) and 0 <= dropout < 1,
+        f"{name}.lora_dropout must be in [0, 1), got {dropout!r}",
+    )
+    bias = settings.get("bias", "none")
+    require(bias in ("none", "all", "lora_only"), f"{name}.bias must be none, all or lora_only, got {bias!r}")
+    targets = settings.get("target_modules")
+    require(
+        (isinstance(targets, str) and targets)
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)),
+        f"{name}.target_modules must be a list of module names (e.g. [q_proj, v_proj]), got {targets!r}",
+    )
+
+
+def torch_dtype(name: str):
+    """The torch dtype a config's `dtype` names."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class CommandLine(argparse.ArgumentParser):
+    """argparse whose bad-argument message is one `error:` line and exit status 2, like every other input error."""
+
+    def error(self, message: str):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def fail(message: str):
+    """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
