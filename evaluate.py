@@ -9,12 +9,53 @@ in COCO results format (``[{"image_id": ..., "caption": ...}]``).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from pathlib import Path
+
+from config import CommandLine, ConfigError, fail, load_config
+
+
+def command_line() -> argparse.ArgumentParser:
+    """evaluate.py's arguments."""
+    parser = CommandLine(description="Evaluate a PhiClipMLLM checkpoint on a split of a training config.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train.py's output)")
+    parser.add_argument("--config", required=True, help="the training YAML whose data section names the split")
+    parser.add_argument("--split", default="val", choices=["val", "train"])
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--output", default=None, help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    return parser
+
+
+def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Parse and check the arguments and the config (one `error:` line on bad input); returns (args, config)."""
+    args = command_line().parse_args(argv)
+    checkpoint = Path(args.checkpoint).expanduser()
+    if not (checkpoint / "config.json").is_file():
+        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            fail(f"--{name} must be positive, got {value}")
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        fail(str(error))
+    if not config["data"].get(args.split):
+        fail(f"{args.config}: data.{args.split} is not set, so there is no {args.split} split to evaluate")
+    return args, config
+
+
+if __name__ == "__main__":
+    read_arguments()  # answers --help and bad input before the imports below (~6 s)
+
+import json  # the heavy imports follow the early argument check above
 import math
 import re
 import string
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,7 +110,7 @@ def validation_loss(
     device = next(model.parameters()).device
     model.eval()
     total, tokens = 0.0, 0
-    for batch in tqdm(loader, desc="val loss", leave=False):
+    for batch in tqdm(loader, desc="val loss", leave=False, disable=None):
         batch.pop("num_bad_images", None)
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
@@ -104,7 +145,7 @@ def evaluate(
     """Loss over the split and greedy-caption scores; returns (metrics, COCO-format results)."""
     ids, queries, references = caption_split(dataset, limit)
     predictions = {}
-    for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False):
+    for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):
         chunk = ids[start : start + batch_size]
         texts = generate(model, [queries[k][0] for k in chunk], [queries[k][1] for k in chunk], max_new_tokens)
         predictions.update(zip(chunk, texts))
@@ -115,34 +156,25 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a PhiClipMLLM checkpoint on a split of a training config.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train.py's output)")
-    parser.add_argument("--config", required=True, help="the training YAML whose data section names the split")
-    parser.add_argument("--split", default="val", choices=["val", "train"])
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--output", default=None, help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-
-    from train import load_config  # one validated reading of the YAML for training and evaluation
-
-    config = load_config(args.config)
-    split = config["data"].get(args.split)
-    if not split:
-        raise SystemExit(f"{args.config}: data.{args.split} is not set, so there is no {args.split} split to evaluate")
-    dataset = make_dataset(split, seed=config["seed"])
-    dtype = torch.bfloat16 if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+    """Command line: print the metrics as JSON and write the generated captions."""
+    args, config = read_arguments(argv)
+    try:
+        dataset = make_dataset(config["data"][args.split], seed=config["seed"])
+    except (ValueError, FileNotFoundError) as error:
+        fail(f"{args.config}: data.{args.split}: {error}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
     metrics, results = evaluate(
         model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
     )
-    output = Path(args.output or Path(args.checkpoint) / f"captions_{args.split}.json")
+    output = Path(args.output or Path(args.checkpoint).expanduser() / f"captions_{args.split}.json")
     output.write_text(json.dumps(results, indent=1) + "\n")
     metrics["results_file"] = str(output)
     print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

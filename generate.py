@@ -6,13 +6,48 @@ python generate.py --checkpoint DIR --image PATH [--prompt TEXT] [--max_new_toke
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from pathlib import Path
+
+from config import IMAGE_TOKEN, CommandLine, fail
+
+DEFAULT_PROMPT = f"Describe this image. {IMAGE_TOKEN}"  # one of the instructions training draws from
+
+
+def command_line() -> argparse.ArgumentParser:
+    """generate.py's arguments."""
+    parser = CommandLine(description="Caption or answer about an image with a PhiClipMLLM checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
+    parser.add_argument("--image", required=True, help="image file")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction; {IMAGE_TOKEN} is added when missing")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Bad input ends here as one `error:` line, before torch or any weight is loaded."""
+    checkpoint = Path(args.checkpoint).expanduser()
+    if not checkpoint.exists():
+        fail(f"--checkpoint {args.checkpoint}: no such directory")
+    if not (checkpoint / "config.json").is_file() and not (checkpoint.parent / "config.json").is_file():
+        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    if not Path(args.image).expanduser().is_file():
+        fail(f"--image {args.image}: no such file")
+    if args.max_new_tokens <= 0:
+        fail(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+
+
+if __name__ == "__main__":
+    check_arguments(command_line().parse_args())  # answers --help and bad input before the imports below (~6 s)
+
+from typing import Any  # the heavy imports follow the early argument check above
 
 import torch
 
-from model import IMAGE_TOKEN, PhiClipMLLM
-
-DEFAULT_PROMPT = f"Describe this image. {IMAGE_TOKEN}"  # one of the instructions training draws from
+from model import PhiClipMLLM
+from processor import BadImageError
 
 
 @torch.no_grad()
@@ -60,26 +95,27 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Caption or answer about an image with a PhiClipMLLM checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction; must contain {IMAGE_TOKEN}")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    """Command line: print the model's reply about one image."""
+    args = command_line().parse_args(argv)
+    check_arguments(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
     prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
-    dtype = torch.bfloat16 if args.device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
-    text = generate(model, prompt, [args.image], max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
+    try:
+        text = generate(model, prompt, [args.image], max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
+    except (BadImageError, ValueError) as error:
+        fail(str(error))
     if not args.stream:
         print(text)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -13,23 +13,53 @@ the transformers Trainer; only rank 0 writes. Relative paths in a config are rel
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import importlib.util
+import sys
+
+from config import CommandLine, ConfigError, load_config, torch_dtype
+
+
+def command_line() -> argparse.ArgumentParser:
+    """train.py's arguments (see the module docstring)."""
+    parser = CommandLine(description="Train PhiClipMLLM (phase one: adapter; phase two: LoRA).")
+    parser.add_argument("--config", help="YAML training config")
+    parser.add_argument("--phase_one", action="store_true", help="train the adapter only (else phase two)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        help="continue from the latest complete checkpoint in output_dir, or from the one given",
+    )
+    parser.add_argument("--max_steps", type=int, help="stop after N optimizer steps (overrides the config)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. training_args.learning_rate=2e-4 (repeatable)",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="report parameters and memory; load nothing")
+    parser.add_argument("--gpu_memory_gb", type=float, default=24.0, help="GPU memory to check the estimate against")
+    parser.add_argument("--demo", action="store_true", help="run the synthetic-shapes demo end to end")
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
+
+import importlib.util  # the heavy imports follow the early argument check above
 import logging
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SchedulerType
-from transformers.utils import logging as hf_logging
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dataset import Collator, make_dataset
 from generate import generate
@@ -37,177 +67,8 @@ from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 
 logger = logging.getLogger("train")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPLETE_MARKER = "checkpoint_complete"  # written last: a checkpoint directory without it is ignored
-REQUIRED, NONE = object(), type(None)
-# key: (accepted types, default); a nested dict is a section. Checked before anything is built.
-# fmt: off
-SCHEMA: dict[str, Any] = {
-    "dtype": ((str,), "bfloat16"), "seed": ((int,), 42), "model": ((dict,), None),
-    "checkpoint": {"output_dir": ((str,), REQUIRED), "load_dir": ((str, NONE), None)},
-    "phase_one": {"annotation_file": ((str,), REQUIRED), "image_directory": ((str,), REQUIRED)},
-    "data": {"train": ((dict, NONE), None), "val": ((dict, NONE), None), "num_workers": ((int,), 2),
-             "on_bad_image": ((str,), "skip"),
-             "eval_captions": ((int,), 4)},
-    "training_args": {
-        "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
-        "batch_size": ((int,), 8), "eval_batch_size": ((int, NONE), None), "gradient_accumulation_steps": ((int,), 1),
-        "warmup_steps": ((float,), 0.03), "lr_scheduler": ((str,), "cosine"), "weight_decay": ((float,), 0.0),
-        "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False), "torch_compile": ((bool,), False), "save_steps": ((int,), 500),
-        "save_total_limit": ((int, NONE), 2), "logging_steps": ((int,), 10), "eval_steps": ((int, NONE), 500),
-        "report_to": ((str, list), "auto"),
-    },
-    "peft_text": ((dict, NONE), None), "peft_vision": ((dict, NONE), None),
-    "text_warmup": {"steps": ((int,), 0), "learning_rate": ((float,), 1e-3), "batch_size": ((int,), 32),
-                    "describe": ((bool,), True)},
-}
-# fmt: on
-OPTIONAL_SECTIONS = {"phase_one"}
-PATH_KEYS = ("annotation_file", "image_directory", "data_dir")  # dataset.py's path keys
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; raised before any model or data is loaded."""
-
-
-# ------------------------------------------------------------------------------------------------------- config
-def load_config(
-    path: str | os.PathLike, overrides: list[str] | tuple = (), phase: str | None = None, check_paths: bool = True
-) -> dict[str, Any]:
-    """Read, override (`key.sub=value`, YAML-typed) and validate a training config.
-
-    Returns the whole config as nested plain dicts with every key of SCHEMA present (defaults filled in), plus
-    `config["path"]` (the file) and `data.train` filled from the seed's `phase_one` section when that is used.
-    `model` is a dict that PhiClipConfig.from_dict accepts. `phase` ("one"/"two"/None) adds that phase's checks;
-    `check_paths=False` skips file-existence checks (dry runs). Raises ConfigError naming the file and key.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {override!r}: expected key.sub=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {override!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    config = _validate(raw, SCHEMA, path, "")
-    config["path"] = str(path)
-    _check_semantics(config, path, phase, check_paths)
-    return config
-
-
-def _validate(values: dict, schema: dict, path: Path, where: str) -> dict:
-    unknown = sorted(set(values) - set(schema))
-    if unknown:
-        section = f" in {where[:-1]}" if where else ""
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(where + k for k in unknown)}; valid keys{section}: {list(schema)}"
-        )
-    result = {}
-    for key, spec in schema.items():
-        name, value = where + key, values.get(key)
-        if isinstance(spec, dict):  # a section
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{path}: {name} must be a section (a mapping), got {value!r}")
-            skip = value is None and key in OPTIONAL_SECTIONS
-            result[key] = None if skip else _validate(value or {}, spec, path, name + ".")
-            continue
-        types, default = spec
-        if key not in values:
-            if default is REQUIRED:
-                raise ConfigError(f"{path}: {name} is required")
-            result[key] = default
-            continue
-        if float in types and isinstance(value, (int, str)) and not isinstance(value, bool):
-            with contextlib.suppress(ValueError):  # YAML 1.1 reads `1e-4` (no dot) as a string
-                value = float(value)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join("null" if t is NONE else t.__name__ for t in types)
-            raise ConfigError(f"{path}: {name} must be {wanted}, got {value!r}")
-        result[key] = value
-    return result
-
-
-def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: bool) -> None:
-    def require(condition: Any, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{path}: {message}")
-
-    require(config["dtype"] in DTYPES, f"dtype must be one of {list(DTYPES)}, got {config['dtype']!r}")
-    require(config["model"] is not None or phase != "one", "model is required for phase one")
-    if config["model"] is not None:
-        try:
-            PhiClipConfig.from_dict(config["model"], where="model")
-        except (TypeError, ValueError) as error:
-            require(False, str(error))
-    data, args, ckpt = config["data"], config["training_args"], config["checkpoint"]
-    if config["phase_one"] is not None:
-        require(data["train"] is None, "give the training data once: phase_one (the seed's keys) or data.train")
-        data["train"] = {"format": "coco", **config["phase_one"]}
-    require(phase is None or data["train"] is not None, "no training data: add data.train or phase_one")
-    policies = ("skip", "error")
-    require(
-        data["on_bad_image"] in policies, f"data.on_bad_image must be one of {policies}, got {data['on_bad_image']!r}"
-    )
-    for split in ("train", "val"):  # data.on_bad_image is the default of both splits; a split may set its own
-        if data[split] is not None:
-            data[split].setdefault("on_bad_image", data["on_bad_image"])
-    for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "learning_rate"):
-        require(args[key] > 0, f"training_args.{key} must be positive, got {args[key]}")
-    schedulers = [s.value for s in SchedulerType]
-    require(args["lr_scheduler"] in schedulers, f"training_args.lr_scheduler must be one of {schedulers}")
-    for name in ("peft_text", "peft_vision"):
-        if config[name] is not None:
-            from peft import LoraConfig
-
-            unknown = sorted(set(config[name]) - {f.name for f in dataclasses.fields(LoraConfig)})
-            require(
-                not unknown,
-                f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys: r, lora_alpha, "
-                "target_modules, lora_dropout, bias, or another peft LoraConfig field",
-            )
-            require(
-                isinstance(config[name].get("r", 8), int) and config[name].get("target_modules"),
-                f"{name} needs an integer r and a target_modules list",
-            )
-    if phase == "two":
-        require(
-            config["peft_text"] or config["peft_vision"],
-            "phase two needs peft_text and/or peft_vision (pass --phase_one to train the adapter only)",
-        )
-        require(ckpt["load_dir"], "checkpoint.load_dir is required for phase two: the phase-one output directory")
-        require(
-            Path(ckpt["load_dir"]).resolve() != Path(ckpt["output_dir"]).resolve(),
-            "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
-        )
-        require(
-            not check_paths or (Path(ckpt["load_dir"]) / "config.json").is_file(),
-            f"checkpoint.load_dir {ckpt['load_dir']!r} is not a phase-one model directory (no config.json); "
-            "run phase one first (python train.py --phase_one --config ...)",
-        )
-    # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
-    paths = [
-        (f"model.{k}", v)
-        for k, v in (config["model"] or {}).items()
-        if k in ("text_model", "vision_model", "tokenizer")
-        and isinstance(v, str)
-        and (v.startswith((".", "/", "~")) or v.count("/") > 1)
-    ]
-    for split in ("train", "val"):
-        paths += [(f"data.{split}.{k}", str(v)) for k, v in (data[split] or {}).items() if k in PATH_KEYS]
-    for name, value in paths if check_paths else ():
-        require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
+__all__ = ["ConfigError", "load_config", "complete_checkpoints", "run_training", "run_demo", "main"]
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -302,10 +163,40 @@ class ProgressReport(TrainerCallback):
         self.trainer.bad_images = 0
 
 
+class LogLines(TrainerCallback):
+    """One labelled log line per logging step (Trainer itself prints bare dicts or writes through its bar)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+            logger.info("%s step %d/%d: %s", self.stage, state.global_step, state.max_steps, values)
+
+
+class ProgressBar(ProgressCallback):
+    """Trainer's progress bar (on a terminal) without its raw log dicts: LogLines writes those."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _train(trainer: Trainer, stage: str, **train_kwargs) -> None:
+    """trainer.train() with labelled log lines; on a terminal, log lines print above the bar, never into it."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not trainer.args.disable_tqdm:
+        trainer.add_callback(ProgressBar())
+    trainer.add_callback(LogLines(stage))
+    with logging_redirect_tqdm():
+        trainer.train(**train_kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------- training
 def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> PhiClipMLLM:
     """The model to train: fresh (phase one), from load_dir + LoRA (phase two), or from a checkpoint (resume)."""
-    dtype = DTYPES[config["dtype"]]
+    dtype = torch_dtype(config["dtype"])
     if resume_dir is not None:
         model = PhiClipMLLM.from_pretrained(resume_dir, dtype=dtype, trainable=True)
     elif phase == "one":
@@ -359,6 +250,7 @@ def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArg
         data_seed=config["seed"],
         report_to=report_to,
         ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars only on a terminal: captured logs stay lines
     )
     return TrainingArguments(**(values | changes))
 
@@ -380,6 +272,7 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
         return {"conversation": [{"role": "user", "content": prompt}, answer], "images": []}
 
     settings, samples = config["text_warmup"], [described(train_set.sample(i, epoch=0)) for i in range(len(train_set))]
+    logger.info("text warm-up: %d steps on %d captions, each image described in words", settings["steps"], len(samples))
     model.requires_grad_(False)
     model.text_model.requires_grad_(True)
     args = _training_arguments(
@@ -395,7 +288,9 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
         dataloader_num_workers=0,
         logging_steps=max(1, settings["steps"] // 5),
     )
-    Trainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)).train()
+    _train(
+        Trainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)), "text warm-up"
+    )
     model.prime_model("one")
 
 
@@ -423,8 +318,15 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
     started, model = time.time(), build_model(config, phase, resume_dir)
     if phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0:
         text_warmup(model, train_set, config)
-    counts = model.parameter_counts()
-    logger.info("phase %s: %s parameters, %s trainable", phase, f"{counts['total']:,}", f"{counts['trainable']:,}")
+    counts, trains = model.parameter_counts(), "the adapter" if phase == "one" else "the adapter and LoRA"
+    logger.info(
+        "phase %s: training %s, %s of %s parameters (%d training samples)",
+        phase,
+        trains,
+        f"{counts['trainable']:,}",
+        f"{counts['total']:,}",
+        len(train_set),
+    )
     trainer = PhiClipTrainer(
         model=model,
         args=_training_arguments(config, str(output_dir)),
@@ -434,7 +336,7 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
-    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    _train(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
         _publish(model, output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
@@ -474,27 +376,7 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit status."""
-    parser = argparse.ArgumentParser(description="Train PhiClipMLLM (phase one: adapter; phase two: LoRA).")
-    parser.add_argument("--config", help="YAML training config")
-    parser.add_argument("--phase_one", action="store_true", help="train the adapter only (else phase two)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        help="continue from the latest complete checkpoint in output_dir, or from the one given",
-    )
-    parser.add_argument("--max_steps", type=int, help="stop after N optimizer steps (overrides the config)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. training_args.learning_rate=2e-4 (repeatable)",
-    )
-    parser.add_argument("--dry_run", action="store_true", help="report parameters and memory; load nothing")
-    parser.add_argument("--gpu_memory_gb", type=float, default=24.0, help="GPU memory to check the estimate against")
-    parser.add_argument("--demo", action="store_true", help="run the synthetic-shapes demo end to end")
+    parser = command_line()
     args = parser.parse_args(argv)
     rank_zero = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(
@@ -502,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         format="%(asctime)s %(name)s: %(message)s",
     )
-    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bars; Trainer's own progress bar stays
     overrides = list(args.set) + ([f"training_args.max_steps={args.max_steps}"] if args.max_steps else [])
     try:
         if args.demo:
@@ -513,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             phase = "one" if args.phase_one else "two"
             config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
             if args.dry_run:
-                from dry_run import dry_run  # imported here: it imports this module
+                from dry_run import dry_run
 
                 print(dry_run(config, phase, args.gpu_memory_gb))
             else:
