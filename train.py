@@ -347,8 +347,8 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
 # --------------------------------------------------------------------------------------------------------- demo
 def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     """make-demo (if absent), phase one (tiny.yaml), phase two (tiny_p2.yaml); greedy exact match after each."""
-    from dataset import make_demo
     from evaluate import evaluate
+    from shapes import make_demo
 
     # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
     torch.set_num_threads(1)

@@ -14,8 +14,8 @@ import yaml
 from conftest import ROOT, TINY_TEXT, TINY_VISION, random_image
 from transformers import CLIPConfig, CLIPModel
 
-from dataset import make_demo
 from model import PhiClipConfig, PhiClipMLLM
+from shapes import make_demo
 
 COMMANDS = ("train.py", "generate.py", "evaluate.py")
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}

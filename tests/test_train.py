@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 import dry_run
 import train
-from dataset import BadImageError, make_demo
+from dataset import BadImageError
 from generate import generate
 from model import PhiClipMLLM
+from shapes import make_demo
 
 CONFIGS = ROOT / "training_configs"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
