@@ -34,6 +34,7 @@ are separate processes, so ``dataset.bad_image_count()`` only sees loads done in
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -375,6 +376,12 @@ class ConversationDataset(Dataset):
         """Check every sample against the processor that will collate it (length, image size) before use."""
         self.processor = processor
         return self
+
+    def head(self, count: int) -> ConversationDataset:
+        """The same dataset (settings, attached processor) over its first `count` records."""
+        subset = copy.copy(self)
+        subset.records = self.records[:count]
+        return subset
 
     def bad_image_count(self) -> int:
         """Bad image files met by this process so far (with DataLoader workers use ``batch['num_bad_images']``)."""

@@ -242,14 +242,17 @@ def _images_per_sample(images: Any, batch_size: int) -> list[list]:
 
 def image_processor_class():
     """The CLIP image-processor class to use here (the PIL one when torchvision is absent)."""
-    # transformers' default CLIP processor needs torchvision; the PIL one gives the same pixels without it.
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
+    # transformers' default CLIP processor needs torchvision from 5.5 on; its PIL twin gives the same pixels.
+    if not is_torchvision_available():
+        try:
+            from transformers import CLIPImageProcessorPil
 
-        return CLIPImageProcessor
-    from transformers import CLIPImageProcessorPil
+            return CLIPImageProcessorPil
+        except ImportError:  # transformers < 5.5, where CLIPImageProcessor is the PIL one
+            pass
+    from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessorPil
+    return CLIPImageProcessor
 
 
 # ------------------------------------------------------------------------------------------------ images

@@ -94,6 +94,12 @@ def test_bad_input_is_one_error_line_before_any_model_loads(tmp_path, argv, expe
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
+def test_every_module_is_installed_by_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(path.stem for path in ROOT.glob("*.py"))
+
+
 def test_readme_notebook_snippet_runs_from_any_directory(make_model, tmp_path):
     readme = (ROOT / "README.md").read_text()
     snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "generate(" in block)
