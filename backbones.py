@@ -135,10 +135,22 @@ def load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None,
             where = f"{source}: the checkpoint's stored {key}" if stored else f"model.{key} {source!r}"
             raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())[:500]})") from None
         if not stored:
-            _check_revision(config, key, getattr(model.config, "_commit_hash", None))
+            _check_revision(config, key, hub_revision(source))
     if name == "text" and attn == "sdpa":
         model.set_attn_implementation(attention_with_contiguous_value())
     return model
+
+
+def hub_revision(source: str) -> str | None:
+    """The commit a hub id resolves to now (from the local hub cache when offline); None for a local path."""
+    if Path(source).expanduser().exists():
+        return None
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        return extract_commit_hash(cached_file(source, "config.json"), None)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_revision(config: PhiClipConfig, key: str, revision: str | None) -> None:

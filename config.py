@@ -294,8 +294,8 @@ def _expand_paths(config: dict) -> None:
         if checkpoint[key] is not None:
             checkpoint[key] = expand_path(checkpoint[key])
     load_dir = checkpoint["load_dir"]
-    if load_dir and Path(load_dir).is_file() and (Path(load_dir).parent / "config.json").is_file():
-        checkpoint["load_dir"] = str(Path(load_dir).parent)  # the original named .../model_checkpoint.pt
+    if load_dir and not Path(load_dir).is_dir() and (Path(load_dir).parent / "config.json").is_file():
+        checkpoint["load_dir"] = str(Path(load_dir).parent)  # a file in a checkpoint: the original named its .pt
     for section in ("phase_one", "phase_two"):
         for key, value in (config[section] or {}).items():
             config[section][key] = expand_path(value)

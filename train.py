@@ -242,7 +242,10 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
             if config["checkpoint"]["loaded_lora"] == "merge" and any(lora.values()):
                 logger.info("merging the loaded LoRA (%s) into the backbones before adding fresh LoRA", _which(lora))
                 model.merge_lora()
-            model.setup_lora(config["peft_text"], config["peft_vision"])
+            try:
+                model.setup_lora(config["peft_text"], config["peft_vision"])
+            except ValueError as error:  # targets that match nothing, settings that contradict a loaded LoRA
+                raise ConfigError(f"{config['path']}: {error}") from None
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     if config["training_args"]["torch_compile"]:
@@ -437,6 +440,7 @@ def output_lock(output_dir: Path):
     if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     lock, me = output_dir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
     for _ in range(2):
@@ -462,6 +466,8 @@ def output_lock(output_dir: Path):
         yield
     finally:
         lock.unlink(missing_ok=True)
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a run that stopped before writing anything leaves nothing behind
 
 
 def _alive(pid: Any) -> bool:
