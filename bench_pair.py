@@ -180,13 +180,23 @@ def unset_lora(ours: PhiClipMLLM, peer) -> None:
 
 
 def set_checkpointing(modules, on: bool) -> None:
+    """Activation checkpointing on or off, under either spelling (transformers >= 5.2x: activation_checkpointing_*;
+    5.17 and older: gradient_checkpointing_*), as model.enable_gradient_checkpointing does for ours."""
     for module in modules:
         base = module.get_base_model() if hasattr(module, "get_base_model") else module
-        if on:
+        new = hasattr(base, "activation_checkpointing_enable")
+        if on and new:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            base.activation_checkpointing_disable()
+            base.activation_checkpointing_disable() if new else base.gradient_checkpointing_disable()
             base.disable_input_require_grads()  # enabling added an embedding-output hook
+
+
+def checkpointed_modules(model) -> list[str]:
+    """Names of the modules that would recompute their activations in backward."""
+    return [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
 
 
 @contextlib.contextmanager
@@ -207,6 +217,10 @@ def lever(ours, peer, who: str, phase: str, attn="sdpa", checkpointing=False):
             part.set_attn_implementation(_attention(ours, part, "sdpa"))
         if checkpointing:
             set_checkpointing(backbones, False)
+    # A lever that leaves its setting behind would silently change every later row (issue 12: on transformers 5.17
+    # checkpointing stayed on after its row, so ours' compiled and phase-two rows recomputed every layer).
+    left_on = checkpointed_modules(ours) + checkpointed_modules(peer)
+    assert not left_on, f"checkpointing left on after the {who} lever: {left_on[:3]}"
 
 
 def _attention(ours, part, attn: str) -> str:

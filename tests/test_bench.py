@@ -46,6 +46,16 @@ def test_pair_computes_the_same_function_and_trains_the_same_set(pair):
     assert trainable > sum(p.numel() for p in ours.vision_adapter.parameters())
 
 
+def test_checkpointing_lever_switches_on_and_leaves_nothing_on(pair):
+    ours, peer = pair
+    bench.set_phase(ours, peer, "two", bench.lora_settings(bench.TINY_TEXT, bench.TINY_VISION))
+    for who in ("ours", "peer"):
+        with bench.lever(ours, peer, who, "two", checkpointing=True) as model:
+            assert bench.checkpointed_modules(model)
+        assert not bench.checkpointed_modules(ours) and not bench.checkpointed_modules(peer)
+    bench.unset_lora(ours, peer)
+
+
 def test_bench_train_reports_times_and_memory(pair):
     ours, peer = pair
     bench.set_phase(ours, peer, "one")
