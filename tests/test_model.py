@@ -314,3 +314,21 @@ def test_compiled_language_model_computes_the_same_loss_and_gradients(make_model
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name])
+
+
+def test_compiled_language_model_compiles_once_for_training_and_never_for_generation(make_model):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = make_model(attn_implementation="sdpa").setup_lora(TEXT_LORA).train()
+    counter = CompileCounter()
+    model.compile_language_model(backend=counter)
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    model(**batch).loss.backward()
+    assert counter.frame_count == 1  # one graph serves every decoder layer, LoRA inside
+    with torch.no_grad():
+        model.eval()(**batch)
+    generate(model, PROMPTS[:2], [random_image(0), random_image(1)], max_new_tokens=4)
+    assert counter.frame_count == 1  # evaluation and generation run eagerly: no per-layer KV-cache recompiles
+    model.train()(**batch).loss.backward()
+    assert counter.frame_count == 1
