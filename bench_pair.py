@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from config import KNOWN_ARCHITECTURES
@@ -253,17 +256,82 @@ def batch_stats(batch: dict, n_image: int) -> dict:
     }
 
 
-def make_step(model, batch: dict):
-    """One training step (forward + backward + AdamW) over the model's trainable parameters."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def write_training_config(workdir: Path, model_config: PhiClipConfig, dtype: str, images: int = 64, **args) -> Path:
+    """A train.py config for this model over a synthetic COCO-format set (random images, CAPTIONS) in workdir.
+
+    The benchmark's training step and the train.py row both read it, so both run one precision policy. `args` are
+    training_args keys (batch_size, max_steps, torch_compile, ...).
+    """
+    workdir = Path(workdir)
+    size = (model_config.vision_model or {}).get("image_size", 224)
+    (workdir / "images").mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": []}
+    for i in range(images):
+        random_image(1000 + i, size).save(workdir / "images" / f"{i:06d}.png")
+        coco["images"].append({"id": i, "file_name": f"{i:06d}.png", "width": size + 48, "height": size + 32})
+        coco["annotations"].append({"id": i, "image_id": i, "caption": CAPTIONS[i % len(CAPTIONS)]})
+    (workdir / "captions.json").write_text(json.dumps(coco))
+    config = {
+        "dtype": dtype,
+        "model": model_config.to_dict(),
+        "checkpoint": {"output_dir": str(workdir / "output")},
+        "data": {
+            "train": {
+                "format": "coco",
+                "annotation_file": str(workdir / "captions.json"),
+                "image_directory": str(workdir / "images"),
+            },
+            "num_workers": 0,
+            "eval_captions": 0,
+        },
+        "training_args": {"eval_steps": None, "save_steps": 10**6, "report_to": "none", "warmup_steps": 0} | args,
+    }
+    path = workdir / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_step(model, batch: dict, config: dict | None = None):
+    """One optimizer step as train.py's Trainer takes it; returns (step, optimizer).
+
+    The step is transformers' Trainer loop for one batch, through train.py's own PhiClipTrainer and TrainingArguments
+    (`config`: a loaded train.py config; default: its defaults at the model's weight dtype): training_step, whose
+    forward runs under accelerate's mixed precision (bf16 autocast: the fp32 adapter and LoRA weights run bf16
+    matmuls), the loss check that syncs the host each step, gradient clipping, AdamW, the LR schedule.
+    """
+    from train import PhiClipTrainer, _training_arguments  # bench is the only file that looks inside train.py
+
+    if config is None:
+        dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)  # the backbones'
+        config = _default_config({torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"))
+    args = _training_arguments(config, config["checkpoint"]["output_dir"], report_to="none", disable_tqdm=True)
+    trainer = PhiClipTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    wrapped, optimizer = trainer.accelerator.prepare(model, trainer.optimizer)  # wraps forward in autocast, once
+
+    trainer.current_gradient_accumulation_steps = 1  # the loop sets it per step: the batches accumulated
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()  # both take input_ids, attention_mask, pixel_values, labels
+        _, items = trainer.get_batch_samples(iter([batch]), 1, args.device)  # supervised tokens, as the loop counts
+        loss = trainer.training_step(wrapped, batch, items)
+        assert not (torch.isnan(loss) or torch.isinf(loss))  # Trainer's logging_nan_inf_filter reads the loss too
+        if args.max_grad_norm > 0:
+            trainer.accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
         optimizer.step()
+        trainer.lr_scheduler.step()
+        wrapped.zero_grad()
 
     return step, optimizer
+
+
+def _default_config(dtype: str) -> dict:
+    from config import load_config
+
+    directory = Path(tempfile.gettempdir()) / "phiclip-bench"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{dtype}.yaml"
+    path.write_text(yaml.safe_dump({"dtype": dtype, "checkpoint": {"output_dir": str(directory / "output")}}))
+    return load_config(path)
 
 
 # ------------------------------------------------------------------------------------------- measurement
