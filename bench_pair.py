@@ -129,8 +129,8 @@ def build_pair(text: dict, vision: dict, workdir: Path, dtype=None, device="cpu"
         max_length=1024,
     )
     torch.manual_seed(0)
+    ours = PhiClipMLLM(config, dtype=dtype, device=device)  # random backbones initialised on the device
     with torch.device(device):
-        ours = PhiClipMLLM(config, dtype=dtype)
         llava_config = LlavaConfig(
             vision_config=CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"}),
             text_config=copy.deepcopy(ours.text_model.config),

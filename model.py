@@ -83,13 +83,16 @@ class PhiClipMLLM(nn.Module):
         dtype: torch.dtype | None = None,
         tokenizer=None,
         image_processor=None,
+        device: str | torch.device | None = None,
     ):
+        """`device`: where the model is built. Given one, a random (inline) backbone is built on the meta device and
+        initialised there, once (a real-size Phi-3 takes seconds on a GPU instead of minutes on the CPU)."""
         super().__init__()
         self.config = config = copy.deepcopy(config)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.tokenizer = tokenizer or _load_tokenizer(config, ckpt)
-        self.text_model = _load_backbone(config, "text", ckpt, dtype, self.tokenizer)
-        vision_model = _load_backbone(config, "vision", ckpt, dtype, self.tokenizer)
+        self.text_model = _load_backbone(config, "text", ckpt, dtype, self.tokenizer, device)
+        vision_model = _load_backbone(config, "vision", ckpt, dtype, self.tokenizer, device)
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
         encoder = getattr(vision_model, "vision_model", vision_model).encoder  # older transformers nest it
@@ -113,6 +116,8 @@ class PhiClipMLLM(nn.Module):
             self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
         )
         self.image_token_id = self.processor.image_token_id
+        if device is not None:
+            self.to(device)
 
     @staticmethod
     def _resolve_feature_layer(layer: int, total_layers: int) -> int:
@@ -436,7 +441,9 @@ def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, im
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer) -> nn.Module:
+def _load_backbone(
+    config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer, device=None
+) -> nn.Module:
     source = getattr(config, f"{name}_model")
     auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
     attn = config.attn_implementation
@@ -455,10 +462,14 @@ def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None
                     f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
                 )
         model_config = AutoConfig.for_model(**values)
-        if name == "text":
-            model = auto_class.from_config(model_config, dtype=dtype, attn_implementation=attn)
-        else:
-            model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
+        build = auto_class.from_config if name == "text" else auto_class._from_config
+        with torch.device("meta") if device is not None else contextlib.nullcontext():
+            model = build(model_config, dtype=dtype, attn_implementation=attn)
+        if device is not None:
+            # On the meta device transformers skips initialisation; it runs here once, on the target device (the
+            # CPU path runs torch's default init and then transformers' over it, on the CPU: 164 s at real size).
+            model.to_empty(device=device)
+            model.init_weights()  # every parameter and buffer (RoPE inv_freq, CLIP position_ids) as from_config
     else:
         try:
             with quiet_loading():

@@ -200,7 +200,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     if resume_dir is not None:
         model = PhiClipMLLM.from_pretrained(resume_dir, dtype=dtype, trainable=True)
     elif phase == "one":
-        model = PhiClipMLLM(PhiClipConfig.from_dict(config["model"]), dtype=dtype).prime_model("one")
+        model_config = PhiClipConfig.from_dict(config["model"])
+        model = PhiClipMLLM(model_config, dtype=dtype, device=_build_device()).prime_model("one")
     else:
         model = PhiClipMLLM.from_pretrained(config["checkpoint"]["load_dir"], dtype=dtype, trainable=True)
         model.setup_lora(config["peft_text"], config["peft_vision"])
@@ -209,6 +210,11 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     if config["training_args"]["torch_compile"]:
         model.compile_language_model()
     return model
+
+
+def _build_device() -> torch.device | None:
+    # Random (inline) backbones initialise on the GPU this rank trains on: seconds, not minutes on the CPU.
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
 
 
 def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArguments:

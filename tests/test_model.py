@@ -332,3 +332,40 @@ def test_compiled_language_model_compiles_once_for_training_and_never_for_genera
     assert counter.frame_count == 1  # evaluation and generation run eagerly: no per-layer KV-cache recompiles
     model.train()(**batch).loss.backward()
     assert counter.frame_count == 1
+
+
+def test_fast_init_on_the_target_device_gives_transformers_init_and_trains(tiny_tokenizer_dir):
+    # device= builds random backbones on the meta device and initialises them once, there (issue 12: 164 s -> s).
+    config = tiny_config(tiny_tokenizer_dir, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    reference = PhiClipMLLM(config).state_dict()  # transformers' from_config on the CPU
+    built = {}
+    for name, seed, dtype in (("fast", 0, None), ("again", 0, None), ("other", 1, None), ("bf16", 0, torch.bfloat16)):
+        torch.manual_seed(seed)
+        built[name] = PhiClipMLLM(config, dtype=dtype, device="cpu")
+    fast = built["fast"].state_dict()
+    assert fast.keys() == reference.keys()
+    for key, expected in reference.items():
+        tensor = fast[key]
+        assert tensor.shape == expected.shape and tensor.dtype == expected.dtype and tensor.isfinite().all(), key
+        assert torch.equal(tensor, built["again"].state_dict()[key]), key  # same seed, same weights
+        if expected.std() == 0:  # norms, biases
+            assert torch.equal(tensor, expected), key
+        elif expected.numel() >= 256:  # the same init distribution, parameter by parameter
+            assert abs(tensor.std() / expected.std() - 1) < 0.15 and abs(tensor.mean()) < 0.2 * expected.std(), key
+            assert not torch.equal(tensor, built["other"].state_dict()[key]), key
+    for key, buffer in built["fast"].named_buffers():
+        torch.testing.assert_close(buffer, dict(PhiClipMLLM(config).named_buffers())[key], atol=0, rtol=0)  # RoPE
+    assert {p.dtype for p in built["bf16"].text_model.parameters()} == {torch.bfloat16}
+
+    model = built["fast"].prime_model("one").train()
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
