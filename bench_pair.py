@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from transformers import TrainerCallback
 
 from config import KNOWN_ARCHITECTURES
 from dataset import CAPTION_INSTRUCTIONS
@@ -353,3 +355,64 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> 
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 4)
+
+
+# ------------------------------------------------------------------------------------------ train.py itself
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of each optimizer step of a Trainer run (after a device sync)."""
+
+    def __init__(self, sync=lambda: None):
+        self.sync, self.began, self.ends = sync, None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.ends.append(time.perf_counter())
+
+
+def trainer_against_bench(config_path: Path, steps: int, warmup: int, overrides=(), say=print) -> dict:
+    """train.py itself (`train.run_training`, phase one) for warmup + steps optimizer steps, and the benchmark's step
+    (make_step) on train.py's own model (`train.build_model`) and a batch of its data: steady-state samples/s of each.
+
+    Steady state is the median of the step intervals after `warmup` steps, so a recompile or a slow batch in the
+    timed steps does not move it. `overrides` are train.py `--set` values (e.g. training_args.torch_compile=true).
+    """
+    import train
+    from config import load_config
+    from dataset import Collator, make_dataset
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    config = load_config(config_path, [*overrides, f"training_args.max_steps={warmup + steps}"], phase="one")
+    batch_size = config["training_args"]["batch_size"]
+    started = time.perf_counter()
+    model = train.build_model(config, "one")
+    built = time.perf_counter() - started
+    dataset = make_dataset(config["data"]["train"], seed=config["seed"])
+    batch = Collator(model.processor)([dataset[i] for i in range(batch_size)])
+    step, _ = make_step(model, batch, config)
+    times = interleaved({"bench": step}, steps, warmup, sync)["bench"]
+    bench_samples_s = batch_size / statistics.median(times)
+    del model, step
+    if cuda:
+        torch.cuda.empty_cache()
+    clock, started = StepClock(sync), time.perf_counter()
+    train.run_training(config, "one", callbacks=[clock])
+    intervals = [b - a for a, b in zip(clock.ends[warmup - 1 :], clock.ends[warmup:])]
+    trainer_samples_s = batch_size / statistics.median(intervals)
+    row = {
+        "overrides": list(overrides),
+        "batch": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "model_build_s": round(built, 1),
+        "train_py_until_first_step_s": round(clock.began - started, 1),
+        "train_py_samples_s": round(trainer_samples_s, 2),
+        "train_py_mean_samples_s": round(batch_size * len(intervals) / sum(intervals), 2),
+        "bench_step_samples_s": round(bench_samples_s, 2),
+        "train_py_over_bench": ratio(trainer_samples_s, bench_samples_s),
+    }
+    say(f"train.py {list(overrides) or 'as configured'}: {row}")
+    return row

@@ -300,8 +300,12 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
     model.prime_model("one")
 
 
-def run_training(config: dict, phase: str, resume: bool | str | None = None) -> PhiClipMLLM:
-    """Train one phase as configured; writes checkpoints and the final model into checkpoint.output_dir."""
+def run_training(
+    config: dict, phase: str, resume: bool | str | None = None, callbacks: list[TrainerCallback] | tuple = ()
+) -> PhiClipMLLM:
+    """Train one phase as configured; writes checkpoints and the final model into checkpoint.output_dir.
+
+    `callbacks` join the Trainer's (bench.py times train.py's steps with one)."""
     output_dir = Path(config["checkpoint"]["output_dir"])
     complete = complete_checkpoints(output_dir)
     resume_dir = Path(resume) if isinstance(resume, str) else (complete[-1] if resume and complete else None)
@@ -342,6 +346,8 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     _train(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
         _publish(model, output_dir)

@@ -83,11 +83,18 @@ def test_bench_data_on_coco(pair):
     assert result["images"] > 0 and result["workers_0_samples_s"] > 0
 
 
-def test_gpu_path_runs_tiny_on_any_device(tmp_path, capsys):
+def test_gpu_path_runs_every_row_tiny_on_any_device(tmp_path, capsys):
     bench.main(["--gpu", "--tiny", "--out", str(tmp_path / "gpu.json")])
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert not [row for row in result["rows"] if "error" in row]
-    assert {(r["model"], r["phase"]) for r in result["rows"]} >= {("ours", "one"), ("peer", "two")}
+    assert not [row for row in result["rows"] if "error" in row] and not result["skipped"][1:]
+    rows = {(r["model"], r["phase"], r["compile"], r["interleaved"], r["checkpointing"]) for r in result["rows"]}
+    for phase in ("one", "two"):
+        for compiled in (False, True):  # ours and the peer interleaved, eager and compiled (LoRA inside in two)
+            assert {("ours", phase, compiled, True, False), ("peer", phase, compiled, True, False)} <= rows
+        assert {("ours", phase, False, False, True), ("peer", phase, False, False, True)} <= rows  # checkpointing
+    (trainer,) = result["train_py"]  # train.py itself beside the bench step on its model and data
+    assert trainer["train_py_samples_s"] > 0 and trainer["bench_step_samples_s"] > 0
+    assert "phase two compiled: ours / peer" in (tmp_path / "gpu.txt").read_text()
     assert "samples/s" in capsys.readouterr().out
 
 
