@@ -138,7 +138,7 @@ def bench_gpu(tiny: bool = False, budget_s: float = 450.0, say=print, trainer_co
         left = budget_s - (time.perf_counter() - start)
         if compiled and not (cuda and not tiny if trainer_compile is None else trainer_compile):
             result["skipped"].append("train.py torch_compile row: tiny (inductor's compile would dominate)")
-        elif cuda and left < (150 if compiled else 60):
+        elif cuda and left < (100 if compiled else 45):
             result["skipped"].append(f"train.py torch_compile={compiled}: {left:.0f} s left")
         else:
             overrides = [f"training_args.torch_compile={str(compiled).lower()}"]
@@ -216,7 +216,7 @@ def _pair_rows(tiny: bool, workdir: Path, result: dict, left, say) -> Path:
     torch._dynamo.reset()
     compile_pair(ours, peer, backend)
     for phase in ("one", "two"):
-        if cuda and left() < 240:
+        if cuda and left() < 150:
             result["skipped"].append(f"phase {phase} compiled: {left():.0f} s left")
             continue
         phase_setup(phase)
