@@ -9,6 +9,7 @@ The last rows run train.py itself, eager and compiled, beside the benchmark's st
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import statistics
@@ -130,6 +131,7 @@ def bench_gpu(tiny: bool = False, budget_s: float = 450.0, say=print, trainer_co
     }
     workdir = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     config = _pair_rows(tiny, workdir, result, lambda: budget_s - (time.perf_counter() - start), say)
+    gc.collect()  # the pair's Trainers hold it in reference cycles
     if cuda:
         torch.cuda.empty_cache()  # the pair is gone: train.py builds its own model
     torch._dynamo.reset()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import statistics
 import tempfile
@@ -396,6 +397,7 @@ def trainer_against_bench(config_path: Path, steps: int, warmup: int, overrides=
     times = interleaved({"bench": step}, steps, warmup, sync)["bench"]
     bench_samples_s = batch_size / statistics.median(times)
     del model, step
+    gc.collect()  # the step's Trainer holds the model in reference cycles
     if cuda:
         torch.cuda.empty_cache()
     clock, started = StepClock(sync), time.perf_counter()
