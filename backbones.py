@@ -13,6 +13,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.utils import logging as hf_logging
@@ -97,9 +98,12 @@ def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, ima
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-def load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer) -> nn.Module:
+def load_backbone(
+    config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer, device=None
+) -> nn.Module:
     """The `name` ("text" / "vision") backbone: stored in the checkpoint, inline (random), local or from the hub.
 
+    With a `device`, a random (inline) backbone is built on the meta device and initialised once, there.
     A backbone loaded by hub id records its revision (commit hash) in `config.revisions`; loading a checkpoint onto
     a different revision than it was trained on warns (the hub's files can change under the same name).
     """
@@ -123,10 +127,14 @@ def load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None,
                     f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
                 )
         model_config = AutoConfig.for_model(**values)
-        if name == "text":
-            model = auto_class.from_config(model_config, dtype=dtype, attn_implementation=attn)
-        else:
-            model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
+        build = auto_class.from_config if name == "text" else auto_class._from_config
+        with torch.device("meta") if device is not None else contextlib.nullcontext():
+            model = build(model_config, dtype=dtype, attn_implementation=attn)
+        if device is not None:
+            # On the meta device transformers skips initialisation; it runs here once, on the target device (the
+            # CPU path runs torch's default init and then transformers' over it, on the CPU: 164 s at real size).
+            model.to_empty(device=device)
+            model.init_weights()  # every parameter and buffer (RoPE inv_freq, CLIP position_ids) as from_config
     else:
         try:
             with quiet_loading():

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import json
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
+from transformers import TrainerCallback
 
 from config import KNOWN_ARCHITECTURES
 from dataset import CAPTION_INSTRUCTIONS
@@ -126,8 +132,8 @@ def build_pair(text: dict, vision: dict, workdir: Path, dtype=None, device="cpu"
         max_length=1024,
     )
     torch.manual_seed(0)
+    ours = PhiClipMLLM(config, dtype=dtype, device=device)  # random backbones initialised on the device
     with torch.device(device):
-        ours = PhiClipMLLM(config, dtype=dtype)
         llava_config = LlavaConfig(
             vision_config=CLIPVisionConfig(**{k: v for k, v in vision.items() if k != "model_type"}),
             text_config=copy.deepcopy(ours.text_model.config),
@@ -180,13 +186,23 @@ def unset_lora(ours: PhiClipMLLM, peer) -> None:
 
 
 def set_checkpointing(modules, on: bool) -> None:
+    """Activation checkpointing on or off, under either spelling (transformers >= 5.2x: activation_checkpointing_*;
+    5.17 and older: gradient_checkpointing_*), as model.enable_gradient_checkpointing does for ours."""
     for module in modules:
         base = module.get_base_model() if hasattr(module, "get_base_model") else module
-        if on:
+        new = hasattr(base, "activation_checkpointing_enable")
+        if on and new:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif on:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            base.activation_checkpointing_disable()
+            base.activation_checkpointing_disable() if new else base.gradient_checkpointing_disable()
             base.disable_input_require_grads()  # enabling added an embedding-output hook
+
+
+def checkpointed_modules(model) -> list[str]:
+    """Names of the modules that would recompute their activations in backward."""
+    return [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
 
 
 @contextlib.contextmanager
@@ -207,6 +223,10 @@ def lever(ours, peer, who: str, phase: str, attn="sdpa", checkpointing=False):
             part.set_attn_implementation(_attention(ours, part, "sdpa"))
         if checkpointing:
             set_checkpointing(backbones, False)
+    # A lever that leaves its setting behind would silently change every later row (issue 12: on transformers 5.17
+    # checkpointing stayed on after its row, so ours' compiled and phase-two rows recomputed every layer).
+    left_on = checkpointed_modules(ours) + checkpointed_modules(peer)
+    assert not left_on, f"checkpointing left on after the {who} lever: {left_on[:3]}"
 
 
 def _attention(ours, part, attn: str) -> str:
@@ -239,17 +259,82 @@ def batch_stats(batch: dict, n_image: int) -> dict:
     }
 
 
-def make_step(model, batch: dict):
-    """One training step (forward + backward + AdamW) over the model's trainable parameters."""
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def write_training_config(workdir: Path, model_config: PhiClipConfig, dtype: str, images: int = 64, **args) -> Path:
+    """A train.py config for this model over a synthetic COCO-format set (random images, CAPTIONS) in workdir.
+
+    The benchmark's training step and the train.py row both read it, so both run one precision policy. `args` are
+    training_args keys (batch_size, max_steps, torch_compile, ...).
+    """
+    workdir = Path(workdir)
+    size = (model_config.vision_model or {}).get("image_size", 224)
+    (workdir / "images").mkdir(parents=True, exist_ok=True)
+    coco = {"images": [], "annotations": []}
+    for i in range(images):
+        random_image(1000 + i, size).save(workdir / "images" / f"{i:06d}.png")
+        coco["images"].append({"id": i, "file_name": f"{i:06d}.png", "width": size + 48, "height": size + 32})
+        coco["annotations"].append({"id": i, "image_id": i, "caption": CAPTIONS[i % len(CAPTIONS)]})
+    (workdir / "captions.json").write_text(json.dumps(coco))
+    config = {
+        "dtype": dtype,
+        "model": model_config.to_dict(),
+        "checkpoint": {"output_dir": str(workdir / "output")},
+        "data": {
+            "train": {
+                "format": "coco",
+                "annotation_file": str(workdir / "captions.json"),
+                "image_directory": str(workdir / "images"),
+            },
+            "num_workers": 0,
+            "eval_captions": 0,
+        },
+        "training_args": {"eval_steps": None, "save_steps": 10**6, "report_to": "none", "warmup_steps": 0} | args,
+    }
+    path = workdir / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_step(model, batch: dict, config: dict | None = None):
+    """One optimizer step as train.py's Trainer takes it; returns (step, optimizer).
+
+    The step is transformers' Trainer loop for one batch, through train.py's own PhiClipTrainer and TrainingArguments
+    (`config`: a loaded train.py config; default: its defaults at the model's weight dtype): training_step, whose
+    forward runs under accelerate's mixed precision (bf16 autocast: the fp32 adapter and LoRA weights run bf16
+    matmuls), the loss check that syncs the host each step, gradient clipping, AdamW, the LR schedule.
+    """
+    from train import PhiClipTrainer, _training_arguments  # bench is the only file that looks inside train.py
+
+    if config is None:
+        dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)  # the backbones'
+        config = _default_config({torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"))
+    args = _training_arguments(config, config["checkpoint"]["output_dir"], report_to="none", disable_tqdm=True)
+    trainer = PhiClipTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
+    wrapped, optimizer = trainer.accelerator.prepare(model, trainer.optimizer)  # wraps forward in autocast, once
+
+    trainer.current_gradient_accumulation_steps = 1  # the loop sets it per step: the batches accumulated
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()  # both take input_ids, attention_mask, pixel_values, labels
+        _, items = trainer.get_batch_samples(iter([batch]), 1, args.device)  # supervised tokens, as the loop counts
+        loss = trainer.training_step(wrapped, batch, items)
+        assert not (torch.isnan(loss) or torch.isinf(loss))  # Trainer's logging_nan_inf_filter reads the loss too
+        if args.max_grad_norm > 0:
+            trainer.accelerator.clip_grad_norm_(wrapped.parameters(), args.max_grad_norm)
         optimizer.step()
+        trainer.lr_scheduler.step()
+        wrapped.zero_grad()
 
     return step, optimizer
+
+
+def _default_config(dtype: str) -> dict:
+    from config import load_config
+
+    directory = Path(tempfile.gettempdir()) / "phiclip-bench"
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{dtype}.yaml"
+    path.write_text(yaml.safe_dump({"dtype": dtype, "checkpoint": {"output_dir": str(directory / "output")}}))
+    return load_config(path)
 
 
 # ------------------------------------------------------------------------------------------- measurement
@@ -271,3 +356,65 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> 
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 4)
+
+
+# ------------------------------------------------------------------------------------------ train.py itself
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of each optimizer step of a Trainer run (after a device sync)."""
+
+    def __init__(self, sync=lambda: None):
+        self.sync, self.began, self.ends = sync, None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.ends.append(time.perf_counter())
+
+
+def trainer_against_bench(config_path: Path, steps: int, warmup: int, overrides=(), say=print) -> dict:
+    """train.py itself (`train.run_training`, phase one) for warmup + steps optimizer steps, and the benchmark's step
+    (make_step) on train.py's own model (`train.build_model`) and a batch of its data: steady-state samples/s of each.
+
+    Steady state is the median of the step intervals after `warmup` steps, so a recompile or a slow batch in the
+    timed steps does not move it. `overrides` are train.py `--set` values (e.g. training_args.torch_compile=true).
+    """
+    import train
+    from config import load_config
+    from dataset import Collator, make_dataset
+
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    config = load_config(config_path, [*overrides, f"training_args.max_steps={warmup + steps}"], phase="one")
+    batch_size = config["training_args"]["batch_size"]
+    started = time.perf_counter()
+    model = train.build_model(config, "one")
+    built = time.perf_counter() - started
+    dataset = make_dataset(config["data"]["train"], seed=config["seed"])
+    batch = Collator(model.processor)([dataset[i] for i in range(batch_size)])
+    step, _ = make_step(model, batch, config)
+    times = interleaved({"bench": step}, steps, warmup, sync)["bench"]
+    bench_samples_s = batch_size / statistics.median(times)
+    del model, step
+    gc.collect()  # the step's Trainer holds the model in reference cycles
+    if cuda:
+        torch.cuda.empty_cache()
+    clock, started = StepClock(sync), time.perf_counter()
+    train.run_training(config, "one", callbacks=[clock])
+    intervals = [b - a for a, b in zip(clock.ends[warmup - 1 :], clock.ends[warmup:])]
+    trainer_samples_s = batch_size / statistics.median(intervals)
+    row = {
+        "overrides": list(overrides),
+        "batch": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "model_build_s": round(built, 1),
+        "train_py_until_first_step_s": round(clock.began - started, 1),
+        "train_py_samples_s": round(trainer_samples_s, 2),
+        "train_py_mean_samples_s": round(batch_size * len(intervals) / sum(intervals), 2),
+        "bench_step_samples_s": round(bench_samples_s, 2),
+        "train_py_over_bench": ratio(trainer_samples_s, bench_samples_s),
+    }
+    say(f"train.py {list(overrides) or 'as configured'}: {row}")
+    return row

@@ -11,6 +11,7 @@ import copy
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,16 @@ class PhiClipMLLM(nn.Module):
         dtype: torch.dtype | None = None,
         tokenizer=None,
         image_processor=None,
+        device: str | torch.device | None = None,
     ):
+        """`device`: where the model is built. Given one, a random (inline) backbone is built on the meta device and
+        initialised there, once (a real-size Phi-3 takes seconds on a GPU instead of minutes on the CPU)."""
         super().__init__()
         self.config = config = copy.deepcopy(config)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.tokenizer = tokenizer or load_tokenizer(config, ckpt)
-        self.text_model = load_backbone(config, "text", ckpt, dtype, self.tokenizer)
-        vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer)
+        self.text_model = load_backbone(config, "text", ckpt, dtype, self.tokenizer, device)
+        vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer, device)
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
         encoder = getattr(vision_model, "vision_model", vision_model).encoder  # older transformers nest it
@@ -129,6 +133,8 @@ class PhiClipMLLM(nn.Module):
             self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
         )
         self.image_token_id = self.processor.image_token_id
+        if device is not None:
+            self.to(device)
 
     @staticmethod
     def _resolve_feature_layer(layer: int, total_layers: int) -> int:
@@ -281,14 +287,16 @@ class PhiClipMLLM(nn.Module):
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def compile_language_model(self, backend: str = "inductor") -> None:
-        """torch.compile each LM decoder layer (1.56x phase-one samples/s on an H200, see BENCHMARKS.md).
+    def compile_language_model(self, backend: str | Callable = "inductor") -> None:
+        """torch.compile each LM decoder layer for training steps (BENCHMARKS.md has the measured gain).
 
         Layer by layer rather than the whole model: one compiled graph serves all layers, compiles in seconds and
-        leaves the data-dependent image scatter in eager mode.
+        leaves the data-dependent image scatter in eager mode. Without gradients (evaluation, generation) a layer
+        runs eagerly: transformers' KV cache makes dynamo guard on each layer's index, so one generate() call
+        recompiled every layer and used up dynamo's recompile limit in the middle of a training run (issue 12).
         """
         for layer in self.text_model.get_decoder().layers:
-            layer.compile(backend=backend)
+            layer.forward = _compiled_when_training(layer.forward, torch.compile(layer.forward, backend=backend))
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameter counts (meta-device models included)."""
@@ -398,6 +406,14 @@ class PhiClipMLLM(nn.Module):
                 if "lora_" in parameter_name:
                     parameter.requires_grad_(True)
         return model.to(device) if device is not None else model
+
+
+def _compiled_when_training(eager: Callable, compiled: Callable) -> Callable:
+    # torch.compile has no "only with gradients" switch, hence this dispatch (a Python check outside the graph).
+    def forward(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    return forward
 
 
 def _read_adapter(file: Path, adapter: nn.Module) -> dict:

@@ -225,7 +225,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     dtype, model_section = torch_dtype(config["dtype"]), config["model"] or {}
     source = resume_dir or (Path(config["checkpoint"]["load_dir"]) if phase == "two" else None)
     if source is None:
-        model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype).prime_model("one")
+        model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype, device=_build_device())
+        model.prime_model("one")
     else:
         runtime = {k: v for k, v in model_section.items() if k in PhiClipConfig.RUNTIME_KEYS}
         _check_architecture(model_section, source)
@@ -251,6 +252,11 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     if config["training_args"]["torch_compile"]:
         model.compile_language_model()
     return model
+
+
+def _build_device() -> torch.device | None:
+    # Random (inline) backbones initialise on the GPU this rank trains on: seconds, not minutes on the CPU.
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
 
 
 def _which(flags: dict) -> str:
@@ -359,14 +365,18 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
     model.prime_model("one")
 
 
-def run_training(config: dict, phase: str, resume: bool | str | None = None) -> PhiClipMLLM:
-    """Train one phase as configured; writes checkpoints and the final model into checkpoint.output_dir."""
+def run_training(
+    config: dict, phase: str, resume: bool | str | None = None, callbacks: list[TrainerCallback] | tuple = ()
+) -> PhiClipMLLM:
+    """Train one phase as configured; writes checkpoints and the final model into checkpoint.output_dir.
+
+    `callbacks` join the Trainer's (bench.py times train.py's steps with one)."""
     output_dir = Path(config["checkpoint"]["output_dir"])
     with output_lock(output_dir):
-        return _run_training(config, phase, output_dir, resume)
+        return _run_training(config, phase, output_dir, resume, callbacks)
 
 
-def _run_training(config: dict, phase: str, output_dir: Path, resume: bool | str | None) -> PhiClipMLLM:
+def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks) -> PhiClipMLLM:
     complete = complete_checkpoints(output_dir)
     resume_dir = (
         Path(resume).expanduser() if isinstance(resume, str) else (complete[-1] if resume and complete else None)
@@ -413,6 +423,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume: bool | str
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if resume_dir is not None and _finished(resume_dir):
         # Trainer would take one more step past max_steps; the run was killed while writing its final model.
         logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)

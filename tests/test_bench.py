@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import COCO, require_shared
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bench
 
@@ -35,15 +36,28 @@ def test_pair_computes_the_same_function_and_trains_the_same_set(pair):
     lora = bench.lora_settings(bench.TINY_TEXT, bench.TINY_VISION)
     trainable = bench.set_phase(ours, peer, "two", lora)  # asserts both sets are the same size
     for model in (ours, peer):
-        bench.make_step(model, batch)[0]()
         tower = ours.vision_model if model is ours else peer.model.vision_tower
-        assert all(p.grad is not None for n, p in tower.named_parameters() if "lora_B" in n)  # ViT LoRA trains
+        lora_b, got_gradient = [p for n, p in tower.named_parameters() if "lora_B" in n], []
+        for parameter in lora_b:
+            parameter.register_post_accumulate_grad_hook(got_gradient.append)
+        bench.make_step(model, batch)[0]()
+        assert lora_b and len(got_gradient) == len(lora_b)  # ViT LoRA trains
     with bench.lever(ours, peer, "ours", "two", attn=bench.PLAIN), torch.no_grad():
         plain = ours.eval()(**batch).loss
     with torch.no_grad():
         torch.testing.assert_close(plain, ours(**batch).loss, atol=0, rtol=0)
     bench.unset_lora(ours, peer)
     assert trainable > sum(p.numel() for p in ours.vision_adapter.parameters())
+
+
+def test_checkpointing_lever_switches_on_and_leaves_nothing_on(pair):
+    ours, peer = pair
+    bench.set_phase(ours, peer, "two", bench.lora_settings(bench.TINY_TEXT, bench.TINY_VISION))
+    for who in ("ours", "peer"):
+        with bench.lever(ours, peer, who, "two", checkpointing=True) as model:
+            assert bench.checkpointed_modules(model)
+        assert not bench.checkpointed_modules(ours) and not bench.checkpointed_modules(peer)
+    bench.unset_lora(ours, peer)
 
 
 def test_bench_train_reports_times_and_memory(pair):
@@ -69,9 +83,49 @@ def test_bench_data_on_coco(pair):
     assert result["images"] > 0 and result["workers_0_samples_s"] > 0
 
 
-def test_gpu_path_runs_tiny_on_any_device(tmp_path, capsys):
+def test_gpu_path_runs_every_row_tiny_on_any_device(tmp_path, capsys):
     bench.main(["--gpu", "--tiny", "--out", str(tmp_path / "gpu.json")])
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert not [row for row in result["rows"] if "error" in row]
-    assert {(r["model"], r["phase"]) for r in result["rows"]} >= {("ours", "one"), ("peer", "two")}
+    assert not [row for row in result["rows"] if "error" in row] and not result["skipped"][1:]
+    rows = {(r["model"], r["phase"], r["compile"], r["interleaved"], r["checkpointing"]) for r in result["rows"]}
+    for phase in ("one", "two"):
+        for compiled in (False, True):  # ours and the peer interleaved, eager and compiled (LoRA inside in two)
+            assert {("ours", phase, compiled, True, False), ("peer", phase, compiled, True, False)} <= rows
+        assert {("ours", phase, False, False, True), ("peer", phase, False, False, True)} <= rows  # checkpointing
+    (trainer,) = result["train_py"]  # train.py itself beside the bench step on its model and data
+    assert trainer["train_py_samples_s"] > 0 and trainer["bench_step_samples_s"] > 0
+    assert "phase two compiled: ours / peer" in (tmp_path / "gpu.txt").read_text()
     assert "samples/s" in capsys.readouterr().out
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of the linear layers' matrix products (forward and backward). Not bmm: transformers 5.17
+    computes RoPE angles with an fp32 bmm on purpose (autocast off), as it should."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.seen.add(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_step_is_trainers_mixed_precision_with_bf16_matmuls_and_fp32_master_weights(tmp_path):
+    # train.py's Trainer (bf16=True) autocasts through accelerate; a step without it ran the fp32 adapter and LoRA
+    # weights as fp32 matmuls (issue 12's sm80 fp32 GEMMs). The bench's step must be the same step.
+    ours, peer = bench.build_pair(bench.TINY_TEXT, bench.TINY_VISION, tmp_path, dtype=torch.bfloat16)
+    batch = bench.make_batch(ours, 2)
+    for phase in ("one", "two"):
+        bench.set_phase(ours, peer, phase, bench.lora_settings(bench.TINY_TEXT, bench.TINY_VISION))
+        for model in (peer, ours):
+            step, optimizer = bench.make_step(model, batch)
+            with MatmulDtypes() as matmuls:
+                step()
+            assert matmuls.seen == {torch.bfloat16}, (phase, type(model).__name__)
+        trainable = [p for p in ours.parameters() if p.requires_grad]  # ours' master weights and AdamW state: fp32
+        assert (
+            {p.dtype for p in trainable} == {optimizer.state[p]["exp_avg"].dtype for p in trainable} == {torch.float32}
+        )
+    bench.unset_lora(ours, peer)

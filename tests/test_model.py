@@ -314,3 +314,58 @@ def test_compiled_language_model_computes_the_same_loss_and_gradients(make_model
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name])
+
+
+def test_compiled_language_model_compiles_once_for_training_and_never_for_generation(make_model):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = make_model(attn_implementation="sdpa").setup_lora(TEXT_LORA).train()
+    counter = CompileCounter()
+    model.compile_language_model(backend=counter)
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    model(**batch).loss.backward()
+    assert counter.frame_count == 1  # one graph serves every decoder layer, LoRA inside
+    with torch.no_grad():
+        model.eval()(**batch)
+    generate(model, PROMPTS[:2], [random_image(0), random_image(1)], max_new_tokens=4)
+    assert counter.frame_count == 1  # evaluation and generation run eagerly: no per-layer KV-cache recompiles
+    model.train()(**batch).loss.backward()
+    assert counter.frame_count == 1
+
+
+def test_fast_init_on_the_target_device_gives_transformers_init_and_trains(tiny_tokenizer_dir):
+    # device= builds random backbones on the meta device and initialises them once, there (issue 12: 164 s -> s).
+    config = tiny_config(tiny_tokenizer_dir, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    reference = PhiClipMLLM(config).state_dict()  # transformers' from_config on the CPU
+    built = {}
+    for name, seed, dtype in (("fast", 0, None), ("again", 0, None), ("other", 1, None), ("bf16", 0, torch.bfloat16)):
+        torch.manual_seed(seed)
+        built[name] = PhiClipMLLM(config, dtype=dtype, device="cpu")
+    fast = built["fast"].state_dict()
+    assert fast.keys() == reference.keys()
+    for key, expected in reference.items():
+        tensor = fast[key]
+        assert tensor.shape == expected.shape and tensor.dtype == expected.dtype and tensor.isfinite().all(), key
+        assert torch.equal(tensor, built["again"].state_dict()[key]), key  # same seed, same weights
+        if expected.std() == 0:  # norms, biases
+            assert torch.equal(tensor, expected), key
+        elif expected.numel() >= 256:  # the same init distribution, parameter by parameter
+            assert abs(tensor.std() / expected.std() - 1) < 0.15 and abs(tensor.mean()) < 0.2 * expected.std(), key
+            assert not torch.equal(tensor, built["other"].state_dict()[key]), key
+    for key, buffer in built["fast"].named_buffers():
+        torch.testing.assert_close(buffer, dict(PhiClipMLLM(config).named_buffers())[key], atol=0, rtol=0)  # RoPE
+    assert {p.dtype for p in built["bf16"].text_model.parameters()} == {torch.bfloat16}
+
+    model = built["fast"].prime_model("one").train()
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
