@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import shutil
@@ -27,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from config import PhiClipConfig
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
+from quantization import dequantized, is_quantized, load_kwargs, logical_numel, quantize_built
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ class PhiClipMLLM(nn.Module):
             self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
         )
         self.image_token_id = self.processor.image_token_id
+        if config.quantize:  # bitsandbytes put the LM on its device (quantisation happens there): keep all together
+            self.to(self.text_model.get_input_embeddings().weight.device)
 
     @staticmethod
     def _resolve_feature_layer(layer: int, total_layers: int) -> int:
@@ -238,8 +242,8 @@ class PhiClipMLLM(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameter counts (meta-device models included)."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(logical_numel(p) for p in self.parameters())
+        trainable = sum(logical_numel(p) for p in self.parameters() if p.requires_grad)
         return {"total": total, "trainable": trainable}
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -248,7 +252,9 @@ class PhiClipMLLM(nn.Module):
 
         Backbone weights are written only where they cannot be re-loaded from their name/path: random-init or
         already-saved backbones, and LoRA-merged ones. `merge_lora=True` merges LoRA into the live model in place
-        (its outputs are unchanged) and saves plain backbones.
+        (its outputs are unchanged) and saves plain backbones; a quantised LM is dequantised first, into its compute
+        dtype, and stays so (model.quantize becomes null). Quantised weights are never written: a stored quantised LM
+        is dequantised, and quantised again when loaded.
         """
         from peft import PeftModel
 
@@ -260,6 +266,11 @@ class PhiClipMLLM(nn.Module):
         for name in ("text", "vision"):
             backbone = getattr(self, f"{name}_model")
             has_lora = isinstance(backbone, PeftModel)
+            if merge_lora and is_quantized(backbone):  # merge into dequantised weights, not re-quantised ones
+                with quiet_loading():
+                    backbone = dequantized(backbone)
+                setattr(self, f"{name}_model", backbone)
+                self.config.quantize = config.quantize = None
             if has_lora and merge_lora:
                 backbone = backbone.merge_and_unload()
                 setattr(self, f"{name}_model", backbone)
@@ -272,6 +283,7 @@ class PhiClipMLLM(nn.Module):
             if isinstance(getattr(config, f"{name}_model"), dict) or stored or merge_lora:
                 base = backbone.get_base_model() if has_lora else backbone
                 with quiet_loading():
+                    base = dequantized(base) if is_quantized(base) else base
                     base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
                 if not stored:
                     config.saved_backbones.append(f"{name}_model")
@@ -294,10 +306,12 @@ class PhiClipMLLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         trainable: bool = False,
+        quantize: str | None = "stored",
     ) -> PhiClipMLLM:
         """Restore a checkpoint directory written by save_pretrained (or a file inside it).
 
-        `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume).
+        `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume). `quantize`
+        (null, "8bit", "4bit") replaces the stored model.quantize, e.g. to run a bf16-trained model on a small GPU.
         """
         from peft import PeftModel
 
@@ -318,6 +332,8 @@ class PhiClipMLLM(nn.Module):
         config = PhiClipConfig.from_dict(
             json.loads((path / "config.json").read_text()), where=str(path / "config.json")
         )
+        if quantize != "stored":
+            config = dataclasses.replace(config, quantize=quantize)  # validated again
         model = cls(config, checkpoint_dir=path, dtype=dtype)
         for name in ("text", "vision"):
             if getattr(config, f"lora_{name}"):
@@ -429,6 +445,7 @@ def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None
     source = getattr(config, f"{name}_model")
     auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
     attn = config.attn_implementation
+    quantization = load_kwargs(config.quantize, dtype) if name == "text" and config.quantize else {}
     if checkpoint_dir is not None and f"{name}_model" in config.saved_backbones:
         source = str(checkpoint_dir / f"{name}_model")
     if isinstance(source, dict):
@@ -451,9 +468,12 @@ def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None
     else:
         try:
             with quiet_loading():
-                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn, **quantization)
         except OSError as error:
             raise OSError(f"model.{name}_model: cannot load {source!r} ({error})") from error
+    if quantization and isinstance(source, dict):
+        with quiet_loading():
+            model = quantize_built(model, dtype, attn, **quantization)
     if name == "text" and attn == "sdpa":
         model.set_attn_implementation(_attention_with_contiguous_value())
     return model

@@ -202,7 +202,11 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     elif phase == "one":
         model = PhiClipMLLM(PhiClipConfig.from_dict(config["model"]), dtype=dtype).prime_model("one")
     else:
-        model = PhiClipMLLM.from_pretrained(config["checkpoint"]["load_dir"], dtype=dtype, trainable=True)
+        # The phase-one model as stored, unless this config's model section sets quantize (QLoRA on a bf16 phase one).
+        quantize = (config["model"] or {}).get("quantize", "stored")
+        model = PhiClipMLLM.from_pretrained(
+            config["checkpoint"]["load_dir"], dtype=dtype, trainable=True, quantize=quantize
+        )
         model.setup_lora(config["peft_text"], config["peft_vision"])
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
@@ -233,7 +237,7 @@ def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArg
         per_device_train_batch_size=args["batch_size"],
         per_device_eval_batch_size=args["eval_batch_size"] or args["batch_size"],
         lr_scheduler_type=args["lr_scheduler"],
-        optim="adamw_torch",
+        optim=args["optim"],
         logging_first_step=True,
         save_strategy="steps",
         save_total_limit=None,
