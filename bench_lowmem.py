@@ -3,15 +3,17 @@
     python bench_lowmem.py [--out DIR] [--steps 8]     Phi-3-mini + CLIP-L/14, random weights, on a GPU (~5 min)
     python bench_lowmem.py --tiny [--out DIR]          the same path at a tiny size (runs on a CPU; for tests)
 
-Each recipe's two phases (bf16: phi_clip.yaml then phi_clip_p2.yaml; 8 GB: phi_clip_8gb.yaml then
-phi_clip_p2_8gb.yaml) run as train.py runs them: the config loaded and validated, the model built by build_model
-(phase two from the phase-one directory just written), the real Trainer with the config's optimiser, checkpointing
-and batch size, here for --steps optimizer steps without accumulation. The backbones are random weights written
-once to a temporary directory and named by path, as a hub id would be; every sample is exactly model.max_length
-tokens with ANSWER_TOKENS supervised, the dry run's assumptions, so its estimate and the measurement describe the
-same step. Per phase: torch.cuda.max_memory_allocated (the ≤ 8 GB criterion), the reserved peak plus memory outside
-PyTorch (the CUDA context: what a card must hold), the dry run's estimate of both, samples/s (median step) and the
-size of the checkpoint written. Writes lowmem.json and lowmem.md (a table) to --out.
+Each recipe's two phases (8 GB: phi_clip_8gb.yaml then phi_clip_p2_8gb.yaml; bf16: phi_clip.yaml then
+phi_clip_p2.yaml), from the configs as train.py reads them: the model built as its build_model builds it (phase two
+from the phase-one directory just written, with the config's model.quantize), then training steps as its Trainer
+takes them: the config's dtype autocast, gradient checkpointing, batch size, optimiser (TrainingArguments' mapping:
+torch AdamW, or bitsandbytes' AdamW with 8-bit states, paged or not) and gradient clipping; one optimizer step per
+batch. The backbones are random weights written once to a temporary directory and named by path, as a hub id
+would be; every sample is exactly model.max_length tokens with ANSWER_TOKENS supervised, the dry run's
+assumptions, so its estimate and the measurement describe the same step. Per phase: torch.cuda.max_memory_allocated
+(the ≤ 8 GB criterion), the reserved peak plus memory outside PyTorch (the CUDA context: what a card must hold), the
+dry run's estimate of both, samples/s (median step, after warm-up steps) and the size of the checkpoint written.
+Writes lowmem.json and lowmem.md (a table) to --out after every phase.
 """
 
 from __future__ import annotations
@@ -27,13 +29,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
-import train
 from bench_pair import REAL_TEXT, REAL_VISION, TINY_TEXT, TINY_VISION
-from config import IMAGE_TOKEN, load_config
-from dataset import Collator
+from config import IMAGE_TOKEN, PhiClipConfig, load_config, torch_dtype
 from dry_run import ANSWER_TOKENS, build_meta_model, memory_breakdown
 from model import PhiClipMLLM, quiet_loading
 from processor import build_word_tokenizer, image_processor_class
@@ -128,61 +127,72 @@ def make_samples(model: PhiClipMLLM, count: int) -> tuple[list[dict], int, int]:
     return [{"conversation": conversation, "images": [image]}] * count, batch["input_ids"].shape[1], supervised
 
 
-class StepClock(TrainerCallback):
-    """Wall time of each optimizer step, the device synchronised at both ends."""
-
-    def __init__(self):
-        self.times, self.start = [], None
-
-    def _now(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = self._now()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(self._now() - self.start)
+def build(config: dict, phase: str) -> PhiClipMLLM:
+    """The model train.py's build_model builds for a fresh run of this phase."""
+    dtype = torch_dtype(config["dtype"])
+    if phase == "one":
+        model = PhiClipMLLM(PhiClipConfig.from_dict(config["model"]), dtype=dtype).prime_model("one")
+    else:
+        quantize = (config["model"] or {}).get("quantize", "stored")
+        model = PhiClipMLLM.from_pretrained(
+            config["checkpoint"]["load_dir"], dtype=dtype, trainable=True, quantize=quantize
+        )
+        model.setup_lora(config["peft_text"], config["peft_vision"])
+    if config["training_args"]["gradient_checkpointing"]:
+        model.enable_gradient_checkpointing()
+    return model
 
 
-def measure(config: dict, phase: str, steps: int, warmup: int, out: Path) -> dict:
-    """Build the phase's model as train.py does, train steps + warmup steps, and report memory and speed."""
+def make_optimizer(parameters: list[torch.Tensor], name: str, learning_rate: float) -> torch.optim.Optimizer:
+    """training_args.optim as TrainingArguments maps it: torch's AdamW, or bitsandbytes' AdamW with 8-bit states."""
+    if name == "adamw_torch":
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW(
+        parameters, lr=learning_rate, weight_decay=0.0, optim_bits=8, is_paged=name.startswith("paged")
+    )
+
+
+def measure(config: dict, phase: str, steps: int, warmup: int) -> dict:
+    """Build the phase's model, take warmup + steps training steps, and report memory and speed."""
     cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
     leftover = torch.cuda.memory_allocated() / GB if cuda else 0.0  # an earlier phase's tensors would count too
     started = time.perf_counter()
-    model = train.build_model(config, phase)
+    model = build(config, phase).to(device).train()
     built_s = time.perf_counter() - started
-    args = config["training_args"]
-    batch = args["batch_size"]
-    samples, length, supervised = make_samples(model, batch * (steps + warmup))
-    training_args = train._training_arguments(
-        config,
-        str(out / "trainer"),
-        max_steps=steps + warmup,
-        gradient_accumulation_steps=1,
-        warmup_steps=0,
-        save_strategy="no",
-        eval_strategy="no",
-        eval_steps=None,
-        logging_steps=1,
-        report_to="none",
-        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
-    )
-    clock = StepClock()
-    trainer = train.PhiClipTrainer(
-        model=model, args=training_args, train_dataset=samples, data_collator=Collator(model.processor)
-    )
-    trainer.remove_callback(PrinterCallback)  # the losses go into the result instead
-    trainer.add_callback(clock)
+    args, dtype = config["training_args"], torch_dtype(config["dtype"])
+    batch_size = args["batch_size"]
+    samples, length, supervised = make_samples(model, batch_size)
+    batch = model.processor(conversations=[s["conversation"] for s in samples], images=[s["images"] for s in samples])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, args["optim"], args["learning_rate"])
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        losses.append(round(step(), 4))  # .item() waits for the step
+        times.append(time.perf_counter() - start)
     row = {
         "phase": phase,
         "config": Path(config["path"]).name,
-        "batch": batch,
+        "batch": batch_size,
         "tokens_per_sample": length,
         "supervised_per_sample": supervised,
         "checkpointing": args["gradient_checkpointing"],
@@ -191,10 +201,10 @@ def measure(config: dict, phase: str, steps: int, warmup: int, out: Path) -> dic
         "trainable": model.parameter_counts()["trainable"],
         "build_s": round(built_s, 1),
         "allocated_before_build_gb": round(leftover, 3),
-        "step_s": round(statistics.median(clock.times[warmup:]), 4),
-        "losses": [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry],
+        "step_s": round(statistics.median(times[warmup:]), 4),
+        "losses": losses,
     }
-    row["samples_s"] = round(batch / row["step_s"], 2)
+    row["samples_s"] = round(batch_size / row["step_s"], 2)
     if cuda:
         free, total = torch.cuda.mem_get_info()
         outside = (total - free) - torch.cuda.memory_reserved()  # the CUDA context, cuBLAS workspaces
@@ -206,7 +216,7 @@ def measure(config: dict, phase: str, steps: int, warmup: int, out: Path) -> dic
         row["card_needs_gb"] = round(row["peak_reserved_gb"] + row["outside_pytorch_gb"], 3)
     meta, _ = build_meta_model(config, phase)
     estimate = memory_breakdown(
-        meta, batch, meta.config.max_length, args["gradient_checkpointing"], model.config.quantize, args["optim"]
+        meta, batch_size, meta.config.max_length, args["gradient_checkpointing"], model.config.quantize, args["optim"]
     )
     row["estimate_gb"] = {k: round(v, 3) for k, v in estimate.items()}
     if cuda:
@@ -214,10 +224,7 @@ def measure(config: dict, phase: str, steps: int, warmup: int, out: Path) -> dic
         row["estimate_over_card_need"] = round(estimate["total"] / row["card_needs_gb"], 3)
     saved = model.save_pretrained(Path(config["checkpoint"]["output_dir"]))
     row["checkpoint_mb"] = round(sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) / 1e6, 2)
-    trainer.accelerator.free_memory()  # accelerate keeps the model and optimiser referenced
-    del trainer, model, meta
-    release()
-    return row
+    return row  # the model, its optimiser and batch go with this frame: run() then releases their memory
 
 
 def run(tiny: bool = False, steps: int = 8, warmup: int = 2, out: Path | None = None, say=print) -> dict:
@@ -257,7 +264,7 @@ def run(tiny: bool = False, steps: int = 8, warmup: int = 2, out: Path | None = 
                 overrides += [f"checkpoint.load_dir={p1}"] if phase == "two" else []
                 config = load_config(ROOT / "training_configs" / name, overrides, phase=phase, check_paths=False)
                 try:
-                    row = {"recipe": recipe, **measure(config, phase, steps, warmup, workdir)}
+                    row = {"recipe": recipe, **measure(config, phase, steps, warmup)}
                 except Exception as error:  # a failing phase is reported, the others still run
                     row = {
                         "recipe": recipe,
@@ -265,7 +272,7 @@ def run(tiny: bool = False, steps: int = 8, warmup: int = 2, out: Path | None = 
                         "config": name,
                         "error": f"{type(error).__name__}: {error}",
                     }
-                    release()
+                release()
                 result["rows"].append(row)
                 result["seconds"] = round(time.perf_counter() - started, 1)
                 result["summary"] = summary(result["rows"])
