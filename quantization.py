@@ -4,7 +4,8 @@ dequantisation for checkpoints and merges.
 Loading is transformers' bitsandbytes integration (a `BitsAndBytesConfig` passed to from_pretrained); LoRA on the
 quantised linears is peft's (QLoRA). CLIP, the adapter and LoRA weights stay unquantised. A checkpoint never holds
 quantised weights: a backbone named by hub id or path is not stored at all, and one that must be stored (random-init,
-or merged) is dequantised first, so every checkpoint also loads without bitsandbytes.
+or merged) is dequantised first, so every checkpoint also loads unquantised, without bitsandbytes
+(`PhiClipMLLM.from_pretrained(path, quantize=None)`).
 
 peft's `prepare_model_for_kbit_training` is deliberately not called. Of its three steps, freezing is what
 prime_model/setup_lora already do; upcasting every unquantised weight to fp32 is for fp16 training and, under bf16
