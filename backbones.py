@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from config import PhiClipConfig
 from processor import image_processor_class
+from quantization import load_kwargs, quantize_built
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def load_backbone(
     source = getattr(config, key)
     auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
     attn = config.attn_implementation
+    quantization = load_kwargs(config.quantize, dtype) if name == "text" and config.quantize else {}
     stored = checkpoint_dir is not None and key in config.saved_backbones
     if stored:
         source = str(checkpoint_dir / key)
@@ -138,12 +140,15 @@ def load_backbone(
     else:
         try:
             with quiet_loading():
-                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn, **quantization)
         except (OSError, ValueError, RuntimeError) as error:
             where = f"{source}: the checkpoint's stored {key}" if stored else f"model.{key} {source!r}"
             raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())[:500]})") from None
         if not stored:
             _check_revision(config, key, hub_revision(source))
+    if quantization and isinstance(source, dict):
+        with quiet_loading():
+            model = quantize_built(model, dtype, attn, **quantization)
     if name == "text" and attn == "sdpa":
         model.set_attn_implementation(attention_with_contiguous_value())
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -22,6 +23,8 @@ import yaml
 IMAGE_TOKEN = "<|placeholder1|>"  # where an image goes in a prompt (Phi-3's spare special token)
 PROMPT_FORMATS = ("chat", "seed")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("8bit", "4bit")  # model.quantize: bitsandbytes LLM.int8, or NF4 with double quantisation
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # training_args.optim: TrainingArguments' names
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 REPORT_TO = (
     "auto",  # ours: tensorboard when installed, else none
@@ -100,6 +103,7 @@ class PhiClipConfig:
     prompt_format: str = "chat"  # "chat" (Phi-3 chat template) or "seed" (the original raw text)
     max_length: int = 1024  # tokens per sample, image tokens included
     attn_implementation: str = "sdpa"
+    quantize: str | None = None  # "8bit" / "4bit": the LM is loaded quantised by bitsandbytes (QLoRA in phase two)
     lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
     lora_vision: dict | None = None
     saved_backbones: list[str] = field(default_factory=list)  # backbones stored in full inside the checkpoint
@@ -129,6 +133,8 @@ class PhiClipConfig:
                 f"model.attn_implementation: expected one of {ATTENTION_IMPLEMENTATIONS}, "
                 f"got {self.attn_implementation!r}"
             )
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"model.quantize: expected null or one of {QUANTIZE_MODES}, got {self.quantize!r}")
         for key in ("normalize", "keep_cls"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"model.{key}: expected true or false, got {getattr(self, key)!r}")
@@ -162,7 +168,7 @@ class PhiClipConfig:
         "vision_feature_layer",
         "keep_cls",
     )
-    RUNTIME_KEYS = ("max_length", "attn_implementation", "prompt_format", "tokenizer")
+    RUNTIME_KEYS = ("max_length", "attn_implementation", "prompt_format", "tokenizer", "quantize")
 
     def to_json_string(self) -> str:
         """config.json's text (transformers' logging integrations read a model's config this way)."""
@@ -203,6 +209,7 @@ SCHEMA: dict[str, Any] = {
         "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False),
         "torch_compile": ((bool,), False), "save_steps": ((int,), 500), "save_total_limit": ((int, NONE), 2),
         "logging_steps": ((int,), 10), "eval_steps": ((int, NONE), 500), "report_to": ((str, list), "auto"),
+        "optim": ((str,), "adamw_torch"),
     },
     "peft_text": ((dict, NONE), None), "peft_vision": ((dict, NONE), None),
     "text_warmup": {"steps": ((int,), 0), "learning_rate": ((float,), 1e-3), "batch_size": ((int,), 32),
@@ -249,7 +256,8 @@ def load_config(
     those are used. `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). Every path has
     `~` and environment variables expanded, and local model paths are made absolute (checkpoints then load from any
     directory). `phase` ("one"/"two"/None) adds that phase's checks; `check_paths=False` skips file-existence checks
-    (dry runs); `splits` names the data splits whose files must exist. Raises ConfigError.
+    and whether bitsandbytes is installed where needed (dry runs plan on any machine); `splits` names the data splits
+    whose files must exist. Raises ConfigError.
     """
     path = Path(path)
     if not path.is_file():
@@ -413,6 +421,8 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         paths += [(f"data.{split}.{k}", str(v)) for k, v in (data[split] or {}).items() if k in DATA_PATH_KEYS]
     for name, value in paths if check_paths else ():
         require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
+    if check_paths:  # a dry run plans on any machine
+        _check_bitsandbytes_needs(config, path, phase)
 
 
 def _check_feature_layer(model: PhiClipConfig, require) -> None:
@@ -466,9 +476,41 @@ def _check_training_args(args: dict, require) -> None:
         args["lr_scheduler"] in schedulers,
         f"training_args.lr_scheduler must be one of {schedulers}, got {args['lr_scheduler']!r}",
     )
+    require(
+        args["optim"] in OPTIMIZERS, f"training_args.optim must be one of {list(OPTIMIZERS)}, got {args['optim']!r}"
+    )
     report_to = [args["report_to"]] if isinstance(args["report_to"], str) else args["report_to"]
     unknown = [name for name in report_to if name not in REPORT_TO]
     require(not unknown, f"training_args.report_to: unknown integration(s) {unknown}; expected some of {REPORT_TO}")
+
+
+def _check_bitsandbytes_needs(config: dict, path: Path, phase: str | None) -> None:
+    # Phase two runs the phase-one model as stored, unless its model section sets quantize (build_model does so too).
+    quantize = (config["model"] or {}).get("quantize")
+    stored = Path(config["checkpoint"]["load_dir"] or "") / "config.json"
+    if phase == "two" and "quantize" not in (config["model"] or {}) and stored.is_file():
+        with contextlib.suppress(ValueError, AttributeError):
+            quantize = json.loads(stored.read_text()).get("quantize")
+    if quantize is not None:
+        require_bitsandbytes(f"{path}: model.quantize={quantize}")
+    if config["training_args"]["optim"] != "adamw_torch":
+        require_bitsandbytes(f"{path}: training_args.optim={config['training_args']['optim']}")
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes (the optional `quantize` extra) can be imported, without importing it (or torch)."""
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except ValueError:  # sys.modules holds None for it: imports of it are blocked
+        return False
+
+
+def require_bitsandbytes(what: str) -> None:
+    """Raise a one-line ConfigError naming `what` when bitsandbytes is not installed."""
+    if not bitsandbytes_installed():
+        raise ConfigError(
+            f"{what} needs bitsandbytes, which is not installed: pip install -e '.[quantize]' (or pip install bitsandbytes)"
+        )
 
 
 def _check_lora(settings: dict, name: str, require) -> None:

@@ -35,6 +35,7 @@ from backbones import (
 )
 from config import PhiClipConfig
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
+from quantization import dequantized, is_quantized, logical_numel
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class PhiClipMLLM(nn.Module):
             self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
         )
         self.image_token_id = self.processor.image_token_id
-        if device is not None:
+        if config.quantize:  # bitsandbytes put the LM on its device (quantisation happens there): keep all together
+            self.to(self.text_model.get_input_embeddings().weight.device)
+        elif device is not None:
             self.to(device)
 
     @staticmethod
@@ -262,11 +265,19 @@ class PhiClipMLLM(nn.Module):
         return self
 
     def merge_lora(self) -> PhiClipMLLM:
-        """Fold LoRA into the backbone weights in place (outputs unchanged); merged backbones are saved in full."""
+        """Fold LoRA into the backbone weights in place (outputs unchanged); merged backbones are saved in full.
+
+        A quantised LM is dequantised first, into its compute dtype, and stays so (model.quantize becomes null):
+        merging into quantised weights would round the LoRA update to 4 or 8 bits.
+        """
         from peft import PeftModel
 
         for name in ("text", "vision"):
             backbone = getattr(self, f"{name}_model")
+            if isinstance(backbone, PeftModel) and is_quantized(backbone):
+                with quiet_loading():
+                    backbone = dequantized(backbone)
+                self.config.quantize = None
             if isinstance(backbone, PeftModel):
                 setattr(self, f"{name}_model", backbone.merge_and_unload())
                 setattr(self.config, f"lora_{name}", None)
@@ -300,8 +311,8 @@ class PhiClipMLLM(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Total and trainable parameter counts (meta-device models included)."""
-        total = sum(p.numel() for p in self.parameters())
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(logical_numel(p) for p in self.parameters())
+        trainable = sum(logical_numel(p) for p in self.parameters() if p.requires_grad)
         return {"total": total, "trainable": trainable}
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -334,6 +345,7 @@ class PhiClipMLLM(nn.Module):
             if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
                 base = backbone.get_base_model() if has_lora else backbone
                 with quiet_loading():
+                    base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
                     base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
                 if f"{name}_model" not in config.saved_backbones:
                     config.saved_backbones.append(f"{name}_model")

@@ -304,7 +304,7 @@ def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArg
         per_device_train_batch_size=args["batch_size"],
         per_device_eval_batch_size=args["eval_batch_size"] or args["batch_size"],
         lr_scheduler_type=args["lr_scheduler"],
-        optim="adamw_torch",
+        optim=args["optim"],
         logging_first_step=True,
         save_strategy="steps",
         save_total_limit=None,
