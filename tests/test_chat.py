@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -121,3 +122,50 @@ def test_bad_input_is_one_error_line(tmp_path, argv, expected):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_demo_page_answers_as_generate_through_gradio_client(make_model, tmp_path):
+    pytest.importorskip("gradio", reason="demo.py needs pip install -e '.[demo]'")
+    client_module = pytest.importorskip("gradio_client")
+    from test_serve import free_port, wait_until_serving
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    image_path = tmp_path / "photo.png"
+    random_image(3).save(image_path)
+    port = free_port()
+    command = [sys.executable, "demo.py", "--checkpoint", str(tmp_path / "ckpt"), "--port", str(port)]
+    command += ["--example", str(image_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_until_serving(server, f"http://127.0.0.1:{port}/")
+        client = client_module.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        image = client_module.handle_file(str(image_path))
+        messages, _ = client.predict("Describe this image.", image, 0.0, 1.0, 8, api_name="/answer")
+        messages, _ = client.predict("And its colour?", image, 0.0, 1.0, 8, api_name="/answer")  # same image
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=20)
+    turns = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
+    first = generate(model, [turns], [[random_image(3)]], max_new_tokens=8)[0]
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "And its colour?"}]
+    second = generate(model, [turns], [[random_image(3)]], max_new_tokens=8)[0]
+    texts = [
+        (message["role"], part.get("text"))
+        for message in messages
+        for part in message["content"]
+        if part.get("type") == "text"
+    ]
+    assert texts == [
+        ("user", "Describe this image."),
+        ("assistant", first),
+        ("user", "And its colour?"),
+        ("assistant", second),
+    ]
+    assert messages[0]["content"][0]["type"] == "file"  # the image shown in the conversation
