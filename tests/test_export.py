@@ -205,9 +205,18 @@ def test_settings_llava_cannot_compute_are_refused():
 
 def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tmp_path):
     checkpoint = phase_two_checkpoint(tiny_tokenizer_dir, tmp_path / "p2", **VARIANTS["mlp_llava"])
+    (checkpoint / "metrics_val.json").write_text(json.dumps({"exact_match": 0.625, "images": 8, "results_file": "x"}))
+    training = {
+        "checkpoint": {"output_dir": "out", "load_dir": "p1"},
+        "data": {"train": {"format": "coco", "annotation_file": "captions.json", "image_directory": "images"}},
+        "training_args": {"max_steps": 600, "learning_rate": 2e-4},
+        "peft_text": {"r": 4, "target_modules": ["qkv_proj"]},
+    }
+    (tmp_path / "p2.yaml").write_text(json.dumps(training))  # YAML is a superset of JSON
     command = [sys.executable, "export.py", "--checkpoint", str(checkpoint)]
     result = subprocess.run(
-        [*command, "--out", str(tmp_path / "llava"), "--dtype", "float32", "--max_shard_size", "100KB"],
+        [*command, "--out", str(tmp_path / "llava"), "--dtype", "float32", "--max_shard_size", "100KB"]
+        + ["--config", str(tmp_path / "p2.yaml")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -218,6 +227,9 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
     shards = sorted((tmp_path / "llava").glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "llava" / "model.safetensors.index.json").is_file()
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").dtype == torch.float32
+    card = (tmp_path / "llava" / "README.md").read_text()
+    assert "- val: exact_match 0.625, images 8" in card and "train data: coco `captions.json`" in card
+    assert "600 steps" in card
 
     values = json.loads((checkpoint / "config.json").read_text())
     (tmp_path / "normalized").mkdir()
