@@ -305,7 +305,7 @@ def export_llava(
     """Write a transformers-native Llava directory of a checkpoint; returns it.
 
     The checkpoint is loaded in fp32 and LoRA merged in fp32; with `check`, the Llava's logits must match ours on a
-    probe input (to 1e-3 of the logit scale) before anything is written. Then it is cast to `dtype` and saved.
+    probe input (to 1e-4 of the logit scale) before anything is written. Then it is cast to `dtype` and saved.
     """
     out = Path(out)
     model = merge_lora(PhiClipMLLM.from_pretrained(checkpoint, dtype=torch.float32).eval())
