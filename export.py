@@ -326,7 +326,7 @@ def export_llava(
         llava.save_pretrained(staging, max_shard_size=max_shard_size)
         processor.save_pretrained(staging)
     (staging / "README.md").write_text(
-        model_card(recipe, llava.config, dtype, training_config, Path(checkpoint), out.name)
+        model_card(recipe, llava.config, dtype, training_config, Path(checkpoint), str(out))
     )
     if out.exists():
         out.rmdir()  # checked empty
@@ -349,14 +349,15 @@ def model_card(
     def backbone(key: str) -> str:
         source = recipe[key]
         if isinstance(source, dict):
-            return f"random-init from an inline `{source['model_type']}` config"
+            return f"an inline `{source['model_type']}` config (no pre-trained weights)"
         return f"`{source}`" + (" (stored in the checkpoint)" if key in recipe.get("saved_backbones", []) else "")
 
     lines = [
-        f"# {name}",
+        f"# {Path(name).name}",
         "",
         "A LLaVA-style model trained with PhiClipMLLM and exported as transformers' `LlavaForConditionalGeneration`",
-        "(no custom code). LoRA is merged into both backbones.",
+        "(no custom code)"
+        + (", with its LoRA merged." if recipe.get("lora_text") or recipe.get("lora_vision") else "."),
         "",
         f"- vision: {backbone('vision_model')}, stopped after {config.vision_config.num_hidden_layers} layers "
         f"(the feature layer), {'CLS kept' if recipe.get('keep_cls', True) else 'CLS dropped'}: "
@@ -385,8 +386,8 @@ def model_card(
         "```python",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
         "",
-        'model = AutoModelForImageTextToText.from_pretrained("PATH")',
-        'processor = AutoProcessor.from_pretrained("PATH")',
+        f'model = AutoModelForImageTextToText.from_pretrained("{name}")',
+        f'processor = AutoProcessor.from_pretrained("{name}")',
         'messages = [{"role": "user", "content": [{"type": "text", "text": "Describe this image."},',
         '                                          {"type": "image", "url": "photo.jpg"}]}]',
         "inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,",
@@ -395,7 +396,7 @@ def model_card(
         "print(processor.decode(answer, skip_special_tokens=True))",
         "```",
         "",
-        "Serve it with `transformers serve PATH` or `vllm serve PATH` (OpenAI-compatible chat completions).",
+        f"Serve it with `transformers serve {name}` or `vllm serve {name}` (OpenAI-compatible chat completions).",
         "",
     ]
     return "\n".join(lines)
