@@ -62,8 +62,7 @@ from collections.abc import Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from generate import generate
-from model import PhiClipMLLM
+from model import PhiClipMLLM, generate
 from processor import BadImageError, load_image
 
 

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,7 @@ class PhiClipConfig:
     lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
     lora_vision: dict | None = None
     saved_backbones: list[str] = field(default_factory=list)  # backbones stored in full inside the checkpoint
+    revisions: dict = field(default_factory=dict)  # hub commit of each backbone loaded by name, recorded on load
 
     def __post_init__(self) -> None:
         for key in ("text_model", "vision_model"):
@@ -150,6 +152,18 @@ class PhiClipConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # What a checkpoint's weights depend on, and what may change when it is loaded again (phase two, resume).
+    ARCHITECTURE_KEYS = (
+        "text_model",
+        "vision_model",
+        "adapter_dim",
+        "adapter_activation",
+        "normalize",
+        "vision_feature_layer",
+        "keep_cls",
+    )
+    RUNTIME_KEYS = ("max_length", "attn_implementation", "prompt_format", "tokenizer")
+
     def to_json_string(self) -> str:
         """config.json's text (transformers' logging integrations read a model's config this way)."""
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -176,10 +190,12 @@ REQUIRED, NONE = object(), type(None)
 # fmt: off
 SCHEMA: dict[str, Any] = {
     "dtype": ((str,), "bfloat16"), "seed": ((int,), 42), "model": ((dict,), None),
-    "checkpoint": {"output_dir": ((str,), REQUIRED), "load_dir": ((str, NONE), None)},
+    "checkpoint": {"output_dir": ((str,), REQUIRED), "load_dir": ((str, NONE), None),
+                   "loaded_lora": ((str,), "continue")},
     "phase_one": {"annotation_file": ((str,), REQUIRED), "image_directory": ((str,), REQUIRED)},
+    "phase_two": {"directory": ((str,), REQUIRED)},
     "data": {"train": ((dict, NONE), None), "val": ((dict, NONE), None), "num_workers": ((int,), 2),
-             "on_bad_image": ((str,), "skip"), "eval_captions": ((int,), 4)},
+             "on_bad_image": ((str,), "skip"), "on_bad_record": ((str,), "skip"), "eval_captions": ((int,), 4)},
     "training_args": {
         "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
         "batch_size": ((int,), 8), "eval_batch_size": ((int, NONE), None), "gradient_accumulation_steps": ((int,), 1),
@@ -193,7 +209,12 @@ SCHEMA: dict[str, Any] = {
                     "describe": ((bool,), True)},
 }
 # fmt: on
-OPTIONAL_SECTIONS = {"phase_one"}
+OPTIONAL_SECTIONS = {"phase_one", "phase_two"}  # the original project's data sections
+# The original project's spellings that have no counterpart here: a one-line message says what to do instead.
+RETIRED_KEYS = {
+    "peft_adapter": "the adapter trains in full in phase two (no LoRA needed on it): delete the peft_adapter section",
+}
+TORCH_DTYPE_SPELLING = {f"torch.{name}": name for name in DTYPE_NAMES}  # the original wrote `dtype: torch.bfloat16`
 DATA_PATH_KEYS = ("annotation_file", "image_directory", "data_dir")  # dataset.py's path keys
 LORA_KEYS = (
     "r",
@@ -215,14 +236,20 @@ LORA_KEYS = (
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | tuple = (), phase: str | None = None, check_paths: bool = True
+    path: str | Path,
+    overrides: list[str] | tuple = (),
+    phase: str | None = None,
+    check_paths: bool = True,
+    splits: tuple[str, ...] = ("train", "val"),
 ) -> dict[str, Any]:
     """Read, override (`key.sub=value`, YAML-typed) and validate a training config.
 
     Returns the whole config as nested plain dicts with every key of SCHEMA present (defaults filled in), plus
-    `config["path"]` (the file) and `data.train` filled from the seed's `phase_one` section when that is used.
-    `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). `phase` ("one"/"two"/None)
-    adds that phase's checks; `check_paths=False` skips file-existence checks (dry runs). Raises ConfigError.
+    `config["path"]` (the file) and `data.train` filled from the original's `phase_one` / `phase_two` sections when
+    those are used. `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). Every path has
+    `~` and environment variables expanded, and local model paths are made absolute (checkpoints then load from any
+    directory). `phase` ("one"/"two"/None) adds that phase's checks; `check_paths=False` skips file-existence checks
+    (dry runs); `splits` names the data splits whose files must exist. Raises ConfigError.
     """
     path = Path(path)
     if not path.is_file():
@@ -244,10 +271,44 @@ def load_config(
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {override!r}: {part} is not a section")
         node[leaf] = yaml.safe_load(value)
+    for key, instead in RETIRED_KEYS.items():
+        if key in raw:
+            raise ConfigError(f"{path}: {key}: {instead}")
+    if isinstance(raw.get("dtype"), str):
+        raw["dtype"] = TORCH_DTYPE_SPELLING.get(raw["dtype"], raw["dtype"])
     config = _validate(raw, SCHEMA, path, "")
     config["path"] = str(path)
-    _check_semantics(config, path, phase, check_paths)
+    _expand_paths(config)
+    _check_semantics(config, path, phase, check_paths, splits)
     return config
+
+
+def expand_path(value: str) -> str:
+    """`~` and `$VARIABLES` expanded, once, for every path a config names."""
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _expand_paths(config: dict) -> None:
+    checkpoint = config["checkpoint"]
+    for key in ("output_dir", "load_dir"):
+        if checkpoint[key] is not None:
+            checkpoint[key] = expand_path(checkpoint[key])
+    load_dir = checkpoint["load_dir"]
+    if load_dir and Path(load_dir).is_file() and (Path(load_dir).parent / "config.json").is_file():
+        checkpoint["load_dir"] = str(Path(load_dir).parent)  # the original named .../model_checkpoint.pt
+    for section in ("phase_one", "phase_two"):
+        for key, value in (config[section] or {}).items():
+            config[section][key] = expand_path(value)
+    for split in ("train", "val"):
+        for key, value in (config["data"][split] or {}).items():
+            if key in DATA_PATH_KEYS and isinstance(value, str):
+                config["data"][split][key] = expand_path(value)
+    for key in ("text_model", "vision_model", "tokenizer"):
+        value = (config["model"] or {}).get(key)
+        if isinstance(value, str):
+            local = Path(expand_path(value))
+            # A local directory wins over a hub id of the same name (as in transformers); stored absolute.
+            config["model"][key] = str(local.resolve()) if local.exists() else value
 
 
 def _validate(values: dict, schema: dict, path: Path, where: str) -> dict:
@@ -282,7 +343,7 @@ def _validate(values: dict, schema: dict, path: Path, where: str) -> dict:
     return result
 
 
-def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: bool) -> None:
+def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: bool, splits: tuple) -> None:
     def require(condition: Any, message: str) -> None:
         if not condition:
             raise ConfigError(f"{path}: {message}")
@@ -296,17 +357,29 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             raise ConfigError(f"{path}: {error}") from None
         _check_feature_layer(model, require)
     data, args, ckpt = config["data"], config["training_args"], config["checkpoint"]
-    if config["phase_one"] is not None:
-        require(data["train"] is None, "give the training data once: phase_one (the seed's keys) or data.train")
-        data["train"] = {"format": "coco", **config["phase_one"]}
+    # The original's data sections: phase_one (COCO captions) trains phase one, phase_two (a cc_sbu_align
+    # directory) phase two; its phase-two file carries both.
+    original = config["phase_two"] if phase == "two" and config["phase_two"] else config["phase_one"]
+    if original is not None:
+        section = "phase_two" if original is config["phase_two"] else "phase_one"
+        require(data["train"] is None, f"give the training data once: {section} (the original's keys) or data.train")
+        if section == "phase_one":
+            data["train"] = {"format": "coco", **original}
+        else:
+            data["train"] = {"format": "cc_sbu_align", "data_dir": original["directory"]}
     require(phase is None or data["train"] is not None, "no training data: add data.train or phase_one")
     policies = ("skip", "error")
-    require(
-        data["on_bad_image"] in policies, f"data.on_bad_image must be one of {policies}, got {data['on_bad_image']!r}"
-    )
-    for split in ("train", "val"):  # data.on_bad_image is the default of both splits; a split may set its own
+    for key in ("on_bad_image", "on_bad_record"):
+        require(data[key] in policies, f"data.{key} must be one of {policies}, got {data[key]!r}")
+    for split in ("train", "val"):  # data.on_bad_* are the defaults of both splits; a split may set its own
         if data[split] is not None:
             data[split].setdefault("on_bad_image", data["on_bad_image"])
+            data[split].setdefault("on_bad_record", data["on_bad_record"])
+    loaded_lora = ("continue", "merge")
+    require(
+        ckpt["loaded_lora"] in loaded_lora,
+        f"checkpoint.loaded_lora must be one of {loaded_lora}, got {ckpt['loaded_lora']!r}",
+    )
     require(data["num_workers"] >= 0, f"data.num_workers must be 0 or more, got {data['num_workers']}")
     require(data["eval_captions"] >= 0, f"data.eval_captions must be 0 or more, got {data['eval_captions']}")
     _check_training_args(args, require)
@@ -336,7 +409,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         and isinstance(v, str)
         and (v.startswith((".", "/", "~")) or v.count("/") > 1)
     ]
-    for split in ("train", "val"):
+    for split in splits:
         paths += [(f"data.{split}.{k}", str(v)) for k, v in (data[split] or {}).items() if k in DATA_PATH_KEYS]
     for name, value in paths if check_paths else ():
         require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
@@ -358,6 +431,19 @@ def _check_feature_layer(model: PhiClipConfig, require) -> None:
 def _check_training_args(args: dict, require) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "learning_rate"):
         require(args[key] > 0, f"training_args.{key} must be positive, got {args[key]}")
+    require(
+        args["max_steps"] == -1 or args["max_steps"] > 0,
+        f"training_args.max_steps must be positive (or -1: train num_train_epochs), got {args['max_steps']}",
+    )
+    require(
+        args["max_steps"] > 0 or args["num_train_epochs"] > 0,
+        f"training_args.num_train_epochs must be positive, got {args['num_train_epochs']:g} "
+        "(a run of zero steps would write an untrained model)",
+    )
+    require(
+        args["eval_steps"] is None or args["eval_steps"] > 0,
+        f"training_args.eval_steps must be positive, or null for no periodic evaluation, got {args['eval_steps']}",
+    )
     for key in ("weight_decay", "max_grad_norm"):
         require(args[key] >= 0, f"training_args.{key} must be 0 or more, got {args[key]}")
     warmup = args["warmup_steps"]

@@ -1,4 +1,4 @@
-"""Data sources -> samples, the collator, and the synthetic demo set (image loading is processor.py's).
+"""Data sources -> samples, and the collator (image loading is processor.py's; the demo set is shapes.py's).
 
 A sample is ``{"conversation": [{"role": "user"|"assistant", "content": str}, ...], "images": [...], "id": ...}``;
 the user text holds ``IMAGE_TOKEN`` once per image, in order. Text-only samples have ``"images": []``.
@@ -11,9 +11,9 @@ Entry points for train.py::
         dataset.set_epoch(epoch)          # before iterating: instructions/captions are redrawn per epoch
         bad = 0
         for batch in loader:
-            bad += int(batch.pop("num_bad_images"))   # pop before batch goes to the model
+            bad += int(batch.pop("num_bad_images")) + int(batch.pop("num_bad_records"))  # not model inputs
             ...
-        log(f"{bad} bad images skipped this epoch")
+        log(f"{bad} bad samples skipped this epoch")
 
 ``config`` keys (unknown keys are an error, to catch typos):
   - ``format``: ``"coco"`` | ``"cc_sbu_align"`` | ``"llava"``
@@ -21,25 +21,25 @@ Entry points for train.py::
   - cc_sbu_align: ``data_dir`` (holding ``filter_cap.json`` and ``image/{image_id}.jpg``)
   - llava: ``annotation_file`` (LLaVA-Instruct JSON), ``image_directory`` (may be omitted if all text-only)
   - optional: ``captions_per_image`` (``"one"`` default, or ``"all"``; caption formats only),
-    ``on_bad_image`` (``"skip"`` default, or ``"error"``), ``max_samples`` (keep the first N samples).
+    ``on_bad_image`` and ``on_bad_record`` (``"skip"`` default, or ``"error"``), ``max_samples`` (the first N).
 Relative paths are resolved against ``base_dir`` (e.g. the config file's directory) when given.
 
-Bad images: ``__getitem__`` returns the next usable sample instead (``on_bad_image="skip"``), logs one warning
-per file and stores how many bad files it met in ``sample["num_bad_images"]``; ``Collator`` sums these into
-``batch["num_bad_images"]`` (a 0-d long tensor). That key is the count to use: DataLoader workers are separate
-processes, so ``dataset.bad_image_count()`` only sees loads done in the calling process (num_workers=0).
-
-Demo set: ``python dataset.py make-demo --out DIR [--n N] [--seed S]``.
+Bad records are excluded when the file is read (malformed, empty, no answer...: one warning line per file naming
+example ids). Bad samples: ``__getitem__`` returns the next usable sample instead (``on_bad_image``/``on_bad_record``
+``"skip"``), logs one warning per problem and counts them in ``sample["num_bad_images"]`` /
+``sample["num_bad_records"]`` (a record is checked against ``dataset.attach(processor)``: too long for max_length);
+``Collator`` sums these into ``batch[...]`` (0-d long tensors). Those keys are the counts to use: DataLoader workers
+are separate processes, so ``dataset.bad_image_count()`` only sees loads done in the calling process.
 """
 
 from __future__ import annotations
 
-import argparse
+import copy
 import json
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 # Image decoding and the word tokenizer live with the processor (they know no data source); re-exported here.
@@ -134,24 +133,99 @@ def _caption_records(
     raise ValueError(f"captions_per_image must be 'one' or 'all', got {captions_per_image!r}")
 
 
+class BadRecordError(ValueError):
+    """A data record that cannot be used: malformed, empty, or too long for model.max_length."""
+
+
+class _Rejected:
+    """Records a reader excludes, by reason: one warning line naming the file and example ids, or (policy
+    'error') a BadRecordError at the first one."""
+
+    def __init__(self, source: Path, policy: str) -> None:
+        self.source, self.policy, self.ids = source, policy, defaultdict(list)
+
+    def add(self, reason: str, record_id: Any) -> None:
+        if self.policy == "error":
+            raise BadRecordError(f"{self.source}: record {record_id!r}: {reason} (on_bad_record: skip excludes it)")
+        self.ids[reason].append(record_id)
+
+    def report(self, what: str) -> None:
+        if self.ids:
+            total = sum(map(len, self.ids.values()))
+            details = "; ".join(
+                f"{len(ids)} {reason} (e.g. id {', '.join(str(i) for i in ids[:5])})"
+                for reason, ids in self.ids.items()
+            )
+            logger.warning("%s: %d %s excluded: %s", self.source, total, what, details)
+
+
+def _usable_id(value: Any) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool) and str(value) != ""
+
+
+def _id_order(value: Any) -> tuple:
+    # Numeric ids in numeric order; a file mixing int and str ids must still sort (str(10) < str(9) otherwise).
+    return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
+
+
+def _caption_of(annotation: Any, key: str) -> str | None:
+    if not isinstance(annotation, dict) or not _usable_id(annotation.get(key)):
+        return None
+    caption = annotation.get("caption")
+    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+
+
 def read_coco(
-    annotation_file: str | os.PathLike, image_directory: str | os.PathLike, captions_per_image: str = "one"
+    annotation_file: str | os.PathLike,
+    image_directory: str | os.PathLike,
+    captions_per_image: str = "one",
+    on_bad_record: str = "skip",
 ) -> list[Record]:
-    """Caption records from a COCO captions JSON; images missing on disk are reported and excluded."""
+    """Caption records from a COCO captions JSON; images missing on disk and malformed entries are reported and
+    excluded (duplicate image ids, orphan or empty captions, entries without ids: named in one warning line)."""
     annotation_file, image_directory = Path(annotation_file), Path(image_directory)
     _require(image_directory, "the COCO image directory", directory=True)
     data = _read_json(annotation_file, "a COCO captions JSON file")
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{annotation_file}: expected a COCO captions JSON with 'images' and 'annotations'")
-    files = {image["id"]: str(image_directory / image["file_name"]) for image in data["images"]}
-    captions: dict[Any, list[str]] = defaultdict(list)
-    for annotation in sorted(data["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
-        captions[annotation["image_id"]].append(annotation["caption"].strip())
-    kept = {key: captions[key] for key in files if captions.get(key)}
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
+    ):
+        raise ValueError(f"{annotation_file}: expected a COCO captions JSON with 'images' and 'annotations' lists")
+    rejected = _Rejected(annotation_file, on_bad_record)
+    files, ids, listed = {}, {}, Counter()  # keyed by str(id): a file may mix 7 and "7"
+    for position, image in enumerate(data["images"]):
+        if (
+            not isinstance(image, dict)
+            or not _usable_id(image.get("id"))
+            or not isinstance(image.get("file_name"), str)
+        ):
+            rejected.add("image entries without an id and a file_name", f"images[{position}]")
+            continue
+        key = str(image["id"])
+        listed[key] += 1
+        files[key], ids[key] = str(image_directory / image["file_name"]), image["id"]
+    for key in [key for key, count in listed.items() if count > 1]:
+        del files[key]  # its captions could belong to either file
+        rejected.add("image ids listed more than once", ids[key])
+    captions: dict[str, list] = defaultdict(list)
+    for position, annotation in enumerate(data["annotations"]):
+        caption = _caption_of(annotation, "image_id")
+        if caption is None:
+            rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
+        elif str(annotation["image_id"]) not in listed:
+            rejected.add("annotations of an image id not in 'images'", annotation.get("id", f"annotations[{position}]"))
+        elif str(annotation["image_id"]) in files:
+            captions[str(annotation["image_id"])].append((_id_order(annotation.get("id", position)), caption))
+    rejected.report("entries")
+    kept = {ids[key]: [text for _, text in sorted(captions[key])] for key in files if captions.get(key)}
+    files = {ids[key]: file for key, file in files.items()}
     return _drop_missing(_caption_records(kept, files, captions_per_image), annotation_file)
 
 
-def read_cc_sbu_align(data_dir: str | os.PathLike, captions_per_image: str = "one") -> list[Record]:
+def read_cc_sbu_align(
+    data_dir: str | os.PathLike, captions_per_image: str = "one", on_bad_record: str = "skip"
+) -> list[Record]:
     """Caption records from MiniGPT-4's stage-two set: ``filter_cap.json`` + ``image/{image_id}.jpg``."""
     data_dir = Path(data_dir)
     _require(data_dir / "image", "cc_sbu_align's image directory", directory=True)
@@ -159,9 +233,15 @@ def read_cc_sbu_align(data_dir: str | os.PathLike, captions_per_image: str = "on
     data = _read_json(annotation_file, "cc_sbu_align's filter_cap.json")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{annotation_file}: expected {{'annotations': [{{'image_id', 'caption'}}, ...]}}")
+    rejected = _Rejected(annotation_file, on_bad_record)
     captions: dict[Any, list[str]] = defaultdict(list)
-    for annotation in data["annotations"]:
-        captions[annotation["image_id"]].append(annotation["caption"].strip())
+    for position, annotation in enumerate(data["annotations"]):
+        caption = _caption_of(annotation, "image_id")
+        if caption is None:
+            rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
+        else:
+            captions[annotation["image_id"]].append(caption)
+    rejected.report("entries")
     files = {key: str(data_dir / "image" / f"{key}.jpg") for key in captions}
     return _drop_missing(_caption_records(captions, files, captions_per_image), annotation_file)
 
@@ -180,50 +260,108 @@ def _llava_text(text: str) -> str:
     return _LLAVA_IMAGE.sub(replace, text).strip()
 
 
-def read_llava(annotation_file: str | os.PathLike, image_directory: str | os.PathLike | None) -> list[Record]:
-    """Conversation records from LLaVA-Instruct JSON; entries without ``image`` become text-only samples."""
+def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
+    """(problem, images, turns) of one LLaVA entry; leading gpt turns are dropped, as LLaVA's own loader does."""
+    if not isinstance(entry, dict):
+        return "entries that are not JSON objects", [], []
+    images = entry.get("image") or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
+        return "entries whose 'image' is not a file name", [], []
+    turns = entry.get("conversations")
+    if not isinstance(turns, list):
+        return "entries without a 'conversations' list", [], []
+    if not all(
+        isinstance(t, dict) and t.get("from") in _LLAVA_ROLES and isinstance(t.get("value"), str) for t in turns
+    ):
+        return "conversations with a turn that is not {'from': human|gpt, 'value': text}", [], []
+    if not turns:
+        return "empty conversations (no turns)", [], []
+    turns = [(_LLAVA_ROLES[turn["from"]], turn["value"]) for turn in turns]
+    while turns and turns[0][0] == "assistant":
+        turns = turns[1:]
+    if not turns:
+        return "conversations of gpt turns only (no question)", [], []
+    if all(role == "user" for role, _ in turns):
+        return "conversations without a gpt turn (nothing to learn)", [], []
+    markers = sum(value.count("<image>") for _, value in turns)
+    if images and markers == 0:
+        # LLaVA's own loader puts the image before the first question when the text omits the marker.
+        turns[0] = ("user", "<image>\n" + turns[0][1])
+        markers = 1
+    if markers != len(images):
+        return "conversations whose <image> count != images", [], []
+    return None, images, turns
+
+
+def read_llava(
+    annotation_file: str | os.PathLike, image_directory: str | os.PathLike | None, on_bad_record: str = "skip"
+) -> list[Record]:
+    """Conversation records from LLaVA-Instruct JSON; entries without ``image`` become text-only samples.
+
+    Malformed entries (not an object, no conversations, null values, an ``image`` that is not a file name, no
+    question or no answer, marker/image count mismatch) are excluded and named in one warning line.
+    """
     annotation_file = Path(annotation_file)
     if image_directory is not None:
         _require(Path(image_directory), "the LLaVA image directory", directory=True)
     data = _read_json(annotation_file, "a LLaVA-Instruct JSON list")
     if not isinstance(data, list):
         raise ValueError(f"{annotation_file}: expected a JSON list of {{'id', 'image', 'conversations'}}")
-    records, malformed = [], []
+    records, rejected, trimmed = [], _Rejected(annotation_file, on_bad_record), []
     for position, entry in enumerate(data):
-        images = entry.get("image") or []
-        images = [images] if isinstance(images, str) else list(images)
-        turns = [(_LLAVA_ROLES.get(turn.get("from")), turn.get("value", "")) for turn in entry["conversations"]]
-        markers = sum(value.count("<image>") for _, value in turns)
-        if images and markers == 0 and turns and turns[0][0] == "user":
-            # LLaVA's own loader puts the image before the first question when the text omits the marker.
-            turns[0] = ("user", "<image>\n" + turns[0][1])
-            markers = 1
-        if markers != len(images) or any(role is None for role, _ in turns) or not turns:
-            malformed.append(entry.get("id", position))
+        record_id = entry.get("id", position) if isinstance(entry, dict) else position
+        problem, images, turns = _llava_turns(entry)
+        if problem:
+            rejected.add(problem, record_id)
             continue
         if images and image_directory is None:
             raise ValueError(f"{annotation_file}: has image samples, so image_directory is required")
+        if len(turns) < len(entry["conversations"]):
+            trimmed.append(record_id)
         files = tuple(str(Path(image_directory) / name) for name in images)
         conversation = tuple((role, _llava_text(value)) for role, value in turns)
-        records.append(Record(entry.get("id", position), files, conversation=conversation))
-    if malformed:
-        message = "%s: %d conversation(s) with unknown roles or <image> count != images excluded (e.g. id %s)"
-        logger.warning(message, annotation_file, len(malformed), malformed[0])
+        records.append(Record(record_id, files, conversation=conversation))
+    rejected.report("conversation(s)")
+    if trimmed:
+        logger.warning(
+            "%s: %d conversation(s) began with a gpt turn, which is dropped as LLaVA does (e.g. id %s)",
+            annotation_file,
+            len(trimmed),
+            trimmed[0],
+        )
     return _drop_missing(records, annotation_file)
 
 
 class ConversationDataset(Dataset):
-    """Map-style dataset of samples; instructions/captions are drawn per (seed, epoch, index), images loaded."""
+    """Map-style dataset of samples; instructions/captions are drawn per (seed, epoch, index), images loaded.
 
-    def __init__(self, records: Sequence[Record], *, seed: int = 0, on_bad_image: str = "skip") -> None:
-        if on_bad_image not in ("skip", "error"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
+    A sample that cannot be used is replaced by the next usable one, named once (per process) and counted in
+    ``sample["num_bad_images"]`` / ``sample["num_bad_records"]``, or raises with the policy "error": a bad image
+    (missing, corrupt, too large or too elongated) or, once a processor is attached, a record whose text does not
+    fit it (truncation would cut into the image, or no answer token would be left).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        *,
+        seed: int = 0,
+        on_bad_image: str = "skip",
+        on_bad_record: str = "skip",
+        source: str | os.PathLike | None = None,
+    ) -> None:
+        for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
+            if policy not in POLICIES:
+                raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
         if not records:
             raise ValueError("no usable samples (all missing, malformed, or an empty annotation file)")
         self.records = list(records)
         self.seed = seed
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.on_bad_record = on_bad_image, on_bad_record
+        self.source = str(source) if source is not None else "data"
         self.epoch = 0
+        self.processor = None
         self._bad_count = 0
         self._warned: set[str] = set()
 
@@ -233,6 +371,17 @@ class ConversationDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose instructions/captions ``__getitem__`` draws (call before creating the iterator)."""
         self.epoch = epoch
+
+    def attach(self, processor: Any) -> ConversationDataset:
+        """Check every sample against the processor that will collate it (length, image size) before use."""
+        self.processor = processor
+        return self
+
+    def head(self, count: int) -> ConversationDataset:
+        """The same dataset (settings, attached processor) over its first `count` records."""
+        subset = copy.copy(self)
+        subset.records = self.records[:count]
+        return subset
 
     def bad_image_count(self) -> int:
         """Bad image files met by this process so far (with DataLoader workers use ``batch['num_bad_images']``)."""
@@ -254,36 +403,47 @@ class ConversationDataset(Dataset):
         return {"conversation": conversation, "images": list(record.images), "id": record.id}
 
     def __getitem__(self, index: int) -> dict:
-        bad = 0
+        counts = {"num_bad_images": 0, "num_bad_records": 0}
+        short_side = self.processor.image_short_side if self.processor is not None else None
         for attempt in range(min(len(self), MAX_REPLACEMENTS + 1)):
             sample = self.sample((index + attempt) % len(self))
             try:
-                sample["images"] = [load_image(path) for path in sample["images"]]
+                if self.processor is not None:
+                    self.processor.check(sample["conversation"], len(sample["images"]))
+            except ValueError as error:
+                problem = BadRecordError(f"{self.source}: record {sample['id']!r}: {error}")
+                if self.on_bad_record == "error":
+                    raise problem from None
+                counts["num_bad_records"] += 1
+                self._note("skipping record", problem)
+                continue
+            try:
+                sample["images"] = [load_image(path, short_side) for path in sample["images"]]
             except BadImageError as error:
                 if self.on_bad_image == "error":
                     raise
-                bad += 1
-                self._note_bad(error)
+                counts["num_bad_images"] += 1
+                self._bad_count += 1
+                self._note("skipping bad image", error)
                 continue
-            sample["num_bad_images"] = bad
-            return sample
-        raise BadImageError(f"samples {index}.. : {bad} consecutive samples have bad images; giving up")
+            return sample | counts
+        raise BadImageError(f"samples {index}.. : {sum(counts.values())} consecutive samples are unusable; giving up")
 
-    def _note_bad(self, error: BadImageError) -> None:
-        self._bad_count += 1
+    def _note(self, what: str, error: Exception) -> None:
         message = str(error)
         if message not in self._warned:
             self._warned.add(message)
-            logger.warning("skipping bad image: %s", message)
+            logger.warning("%s: %s", what, message)
 
 
+POLICIES = ("skip", "error")
 # format -> (required keys, optional keys)
 _CONFIG_KEYS = {
     "coco": ({"annotation_file", "image_directory"}, {"captions_per_image"}),
     "cc_sbu_align": ({"data_dir"}, {"captions_per_image"}),
     "llava": ({"annotation_file"}, {"image_directory"}),
 }
-_COMMON_KEYS = {"format", "on_bad_image", "max_samples"}
+_COMMON_KEYS = {"format", "on_bad_image", "on_bad_record", "max_samples"}
 
 
 def make_dataset(
@@ -301,25 +461,39 @@ def make_dataset(
 
     def path(key: str) -> Path | None:
         value = config.get(key)
-        return None if value is None else Path(base_dir or ".") / Path(value).expanduser()
+        return None if value is None else Path(base_dir or ".") / Path(os.path.expandvars(value)).expanduser()
 
-    per_image, on_bad_image = config.get("captions_per_image", "one"), config.get("on_bad_image", "skip")
+    per_image = config.get("captions_per_image", "one")
+    on_bad_image, on_bad_record = config.get("on_bad_image", "skip"), config.get("on_bad_record", "skip")
+    max_samples = config.get("max_samples")
     # Checked here so a typo fails before a large annotation file is read.
-    if per_image not in ("one", "all") or on_bad_image not in ("skip", "error"):
-        raise ValueError(f"captions_per_image must be 'one'|'all' and on_bad_image 'skip'|'error', got {config}")
+    if per_image not in ("one", "all"):
+        raise ValueError(f"captions_per_image must be 'one' or 'all', got {per_image!r}")
+    for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
+        if policy not in POLICIES:
+            raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
+    if max_samples is not None and (
+        not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples <= 0
+    ):
+        raise ValueError(f"max_samples must be a positive integer (or null for all), got {max_samples!r}")
     if kind == "coco":
-        records = read_coco(path("annotation_file"), path("image_directory"), per_image)
+        source = path("annotation_file")
+        records = read_coco(source, path("image_directory"), per_image, on_bad_record)
     elif kind == "cc_sbu_align":
-        records = read_cc_sbu_align(path("data_dir"), per_image)
+        source = path("data_dir") / "filter_cap.json"
+        records = read_cc_sbu_align(path("data_dir"), per_image, on_bad_record)
     else:
-        records = read_llava(path("annotation_file"), path("image_directory"))
-    if config.get("max_samples") is not None:
-        records = records[: int(config["max_samples"])]
-    return ConversationDataset(records, seed=seed, on_bad_image=on_bad_image)
+        source = path("annotation_file")
+        records = read_llava(source, path("image_directory"), on_bad_record)
+    if max_samples is not None:
+        records = records[:max_samples]
+    return ConversationDataset(
+        records, seed=seed, on_bad_image=on_bad_image, on_bad_record=on_bad_record, source=source
+    )
 
 
 class Collator:
-    """Turns a list of samples into the processor's batch, plus ``num_bad_images`` (0-d long tensor)."""
+    """Turns a list of samples into the processor's batch, plus ``num_bad_images``/``num_bad_records`` (0-d)."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
@@ -333,8 +507,8 @@ class Collator:
                 drop_unsupervised=True,
             )
         )
-        bad = sum(sample.get("num_bad_images", 0) for sample in samples)
-        batch["num_bad_images"] = torch.tensor(bad, dtype=torch.long)
+        for key in ("num_bad_images", "num_bad_records"):
+            batch[key] = torch.tensor(sum(sample.get(key, 0) for sample in samples), dtype=torch.long)
         return batch
 
 
@@ -361,99 +535,3 @@ def make_dataloader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
     )
-
-
-DEMO_COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (240, 200, 0),
-    "purple": (140, 40, 180),
-}
-DEMO_SHAPES = ("circle", "square", "triangle", "cross")
-DEMO_IMAGE_SIZE = 64
-DEMO_VAL_IMAGES = 300
-
-
-def demo_captions() -> list[str]:
-    """Every demo caption ("a red circle", ...); each is equally likely, so chance level is 1/len(this)."""
-    return [f"a {colour} {shape}" for colour in DEMO_COLOURS for shape in DEMO_SHAPES]
-
-
-def _draw_shape(colour: str, shape: str, rng: np.random.Generator) -> Image.Image:
-    size = DEMO_IMAGE_SIZE
-    grey = int(rng.integers(225, 256))
-    image = Image.new("RGB", (size, size), (grey, grey, grey))
-    draw = ImageDraw.Draw(image)
-    # Large shapes with a little size/position jitter, so the model learns the shape, not a pixel template.
-    radius = int(rng.integers(17, 25))
-    cx, cy = (int(rng.integers(radius + 2, size - radius - 1)) for _ in range(2))
-    fill = DEMO_COLOURS[colour]
-    box = (cx - radius, cy - radius, cx + radius, cy + radius)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        inner = int(radius * 0.85)
-        draw.rectangle((cx - inner, cy - inner, cx + inner, cy + inner), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=fill)
-    else:
-        arm = max(4, radius // 3)
-        draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=fill)
-        draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=fill)
-    return image
-
-
-def make_demo(out: str | os.PathLike, n: int = 2400, seed: int = 0) -> dict:
-    """Write the shapes demo set (PNG images, COCO captions_train/val.json, tokenizer/) to ``out``.
-
-    Captions are balanced within each split (counts differ by at most one), so text alone predicts the answer
-    only at chance level 1/len(demo_captions()) = 1/20. Same seed -> byte-identical files.
-    """
-    out = Path(out)
-    captions = demo_captions()
-    if n < DEMO_VAL_IMAGES + len(captions):
-        raise ValueError(f"--n must be at least {DEMO_VAL_IMAGES + len(captions)} (val has {DEMO_VAL_IMAGES})")
-    rng = np.random.default_rng(seed)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    splits = {"val": DEMO_VAL_IMAGES, "train": n - DEMO_VAL_IMAGES}
-    image_id = 0
-    for split, count in splits.items():
-        labels = [captions[i % len(captions)] for i in range(count)]
-        labels = [labels[i] for i in rng.permutation(count)]
-        images, annotations = [], []
-        for label in labels:
-            image_id += 1
-            _, colour, shape = label.split()
-            file_name = f"{image_id:06d}.png"
-            _draw_shape(colour, shape, rng).save(out / "images" / file_name, optimize=False)
-            images.append({"id": image_id, "file_name": file_name, "width": DEMO_IMAGE_SIZE, "height": DEMO_IMAGE_SIZE})
-            annotations.append({"id": image_id, "image_id": image_id, "caption": label})
-        info = {"description": f"PhiClipMLLM shapes demo, seed {seed}", "version": "1"}
-        coco = {"info": info, "licenses": [], "images": images, "annotations": annotations}
-        (out / f"captions_{split}.json").write_text(json.dumps(coco, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    chat = [f"<|user|>\n{q} {IMAGE_TOKEN}<|end|>\n<|assistant|>\n" for q in CAPTION_INSTRUCTIONS]
-    texts = chat + [f"{c}<|end|>\n<|endoftext|>" for c in captions] * 5
-    build_word_tokenizer(texts).save_pretrained(out / "tokenizer")
-    return {**splits, "distinct_captions": len(captions), "chance_level": 1 / len(captions)}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python dataset.py make-demo --out DIR [--n N] [--seed S]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("make-demo", help="write the synthetic shapes demo set")
-    demo.add_argument("--out", required=True, help="output directory")
-    demo.add_argument("--n", type=int, default=2400, help="total images (val gets 300, train the rest)")
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    summary = make_demo(args.out, n=args.n, seed=args.seed)
-    distinct = summary["distinct_captions"]
-    print(
-        f"wrote {summary['train']} train + {summary['val']} val images to {args.out}; {distinct} distinct balanced "
-        f"captions, chance level 1/{distinct} = {summary['chance_level']:.3f}"
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -40,7 +40,7 @@ def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, d
         if value is not None and value <= 0:
             fail(f"--{name} must be positive, got {value}")
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, splits=(args.split,))  # only the evaluated split's files must exist
     except ConfigError as error:
         fail(str(error))
     if not config["data"].get(args.split):
@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import generate
-from model import PhiClipMLLM
+from model import CheckpointError, PhiClipMLLM
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -103,7 +103,7 @@ def validation_loss(
 ) -> dict[str, float]:
     """Mean loss per supervised token over the split (token-weighted, not batch-averaged), and its perplexity."""
     if limit is not None:
-        dataset = ConversationDataset(dataset.records[:limit], seed=dataset.seed, on_bad_image=dataset.on_bad_image)
+        dataset = dataset.head(limit)
     loader = make_dataloader(
         dataset, Collator(model.processor), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
@@ -111,8 +111,7 @@ def validation_loss(
     model.eval()
     total, tokens = 0.0, 0
     for batch in tqdm(loader, desc="val loss", leave=False, disable=None):
-        batch.pop("num_bad_images", None)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items() if k not in ("num_bad_images", "num_bad_records")}
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch, num_items_in_batch=1).loss)  # num_items_in_batch=1: the summed loss
         tokens += n
@@ -166,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    try:
+        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    except (CheckpointError, FileNotFoundError) as error:
+        fail(str(error))
+    dataset.attach(model.processor)  # a sample too long for max_length is skipped and counted, as in training
     metrics, results = evaluate(
         model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
     )

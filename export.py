@@ -350,7 +350,9 @@ def model_card(
         source = recipe[key]
         if isinstance(source, dict):
             return f"an inline `{source['model_type']}` config (no pre-trained weights)"
-        return f"`{source}`" + (" (stored in the checkpoint)" if key in recipe.get("saved_backbones", []) else "")
+        revision = recipe.get("revisions", {}).get(key)
+        text = f"`{source}`" + (f" at revision `{revision}`" if revision else "")
+        return text + (" (stored in the checkpoint)" if key in recipe.get("saved_backbones", []) else "")
 
     lines = [
         f"# {Path(name).name}",

@@ -1,4 +1,4 @@
-"""generate(): captions and answers from a PhiClipMLLM, for notebooks; plus a small CLI.
+"""generate(): captions and answers from a PhiClipMLLM, for notebooks; and its command line.
 
 python generate.py --checkpoint DIR --image PATH [--prompt TEXT] [--max_new_tokens N] [--stream]
 """
@@ -42,62 +42,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     check_arguments(command_line().parse_args())  # answers --help and bad input before the imports below (~6 s)
 
-from typing import Any  # the heavy imports follow the early argument check above
+import torch  # the heavy imports follow the early argument check above
 
-import torch
-
-from model import PhiClipMLLM
-from processor import BadImageError
-
-
-@torch.no_grad()
-def generate(
-    model: PhiClipMLLM,
-    prompts: str | list[str] | list[list[dict]],
-    images: Any = None,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
-    num_return_sequences: int = 1,
-    streamer: Any = None,
-) -> list[str]:
-    """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training.
-
-    `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
-    `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
-    A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
-    """
-    was_training = model.training
-    model.eval()
-    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
-        batch = model.processor(
-            conversations=list(prompts), images=images, padding_side="left", add_generation_prompt=True
-        )
-    else:
-        batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
-    device = model.text_model.get_input_embeddings().weight.device
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    pixel_values = batch.get("pixel_values")
-    embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-    output_ids = model.text_model.generate(
-        inputs_embeds=embeddings,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        repetition_penalty=repetition_penalty,
-        num_return_sequences=num_return_sequences,
-        eos_token_id=model.processor.stop_token_ids,
-        pad_token_id=model.processor.pad_token_id,
-        streamer=streamer,
-        **sampling,
-    )
-    model.train(was_training)
-    # Given only embeddings, the LM returns only the new tokens.
-    return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+from model import CheckpointError, PhiClipMLLM, generate  # generate() lives with the model (`from model import
+from processor import BadImageError  # generate` works, as in the original); this file is its command line
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
     prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    try:
+        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    except (CheckpointError, FileNotFoundError) as error:
+        fail(str(error))
     streamer = None
     if args.stream:
         from transformers import TextStreamer

@@ -1,4 +1,4 @@
-"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3, with its config and checkpoints.
+"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3; its phases, checkpoints and generate().
 
 An image takes one path, in training and in generation:
     PhiClipProcessor: prompt format -> tokens, each <|placeholder1|> expanded to `num_image_tokens` ids, labels
@@ -7,34 +7,51 @@ An image takes one path, in training and in generation:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
+import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging as hf_logging
 
+from backbones import (
+    CONTIGUOUS_VALUE_SDPA,
+    CheckpointError,
+    load_backbone,
+    load_image_processor,
+    load_tokenizer,
+    quiet_loading,
+    read_config_file,
+)
 from config import PhiClipConfig
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_TOKEN", "MultimodalProjector", "PhiClipConfig", "PhiClipMLLM", "PhiClipProcessor"]
+__all__ = [
+    "CONTIGUOUS_VALUE_SDPA",
+    "IMAGE_TOKEN",
+    "CheckpointError",
+    "MultimodalProjector",
+    "PhiClipConfig",
+    "PhiClipMLLM",
+    "PhiClipProcessor",
+    "generate",
+    "image_processor_class",
+    "quiet_loading",
+]
 
 ADAPTER_FILE = "adapter.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
-CONTIGUOUS_VALUE_SDPA = "sdpa_contiguous_value"
 
 
 @dataclass
@@ -86,9 +103,9 @@ class PhiClipMLLM(nn.Module):
         super().__init__()
         self.config = config = copy.deepcopy(config)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.tokenizer = tokenizer or _load_tokenizer(config, ckpt)
-        self.text_model = _load_backbone(config, "text", ckpt, dtype, self.tokenizer)
-        vision_model = _load_backbone(config, "vision", ckpt, dtype, self.tokenizer)
+        self.tokenizer = tokenizer or load_tokenizer(config, ckpt)
+        self.text_model = load_backbone(config, "text", ckpt, dtype, self.tokenizer)
+        vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer)
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
         encoder = getattr(vision_model, "vision_model", vision_model).encoder  # older transformers nest it
@@ -107,7 +124,7 @@ class PhiClipMLLM(nn.Module):
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
         self.num_image_tokens = patches + (1 if config.keep_cls else 0)
         if image_processor is None:
-            image_processor = _load_image_processor(config, ckpt, vision_config.image_size)
+            image_processor = load_image_processor(config, ckpt, vision_config.image_size)
         self.processor = PhiClipProcessor(
             self.tokenizer, image_processor, self.num_image_tokens, config.prompt_format, config.max_length
         )
@@ -185,6 +202,14 @@ class PhiClipMLLM(nn.Module):
         supervised = targets != -100
         logits = lm_head(hidden[:, :-1][supervised]).float()
         loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        if pixel_values is None and self.training:
+            # A text-only batch never reaches the vision side, yet its trainable weights must be in the graph:
+            # phase one's loss would need no gradient at all, and DDP waits for every rank's gradient of each
+            # trainable weight. Zero times their sum adds exact zero gradients and changes nothing else.
+            unused = [
+                p for p in (*self.vision_model.parameters(), *self.vision_adapter.parameters()) if p.requires_grad
+            ]
+            loss = loss + 0.0 * sum(p.sum() for p in unused) if unused else loss
         denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
         return PhiClipOutput(loss=loss / denominator, logits=logits)
 
@@ -198,20 +223,49 @@ class PhiClipMLLM(nn.Module):
         return self
 
     def setup_lora(self, text_lora: dict | None = None, vision_lora: dict | None = None) -> PhiClipMLLM:
-        """Phase two: add peft LoRA to the backbones; train LoRA + adapter, freeze everything else."""
-        from peft import LoraConfig, get_peft_model
+        """Phase two: add peft LoRA to the backbones; train LoRA + adapter, freeze everything else.
+
+        A backbone that already carries LoRA (a phase-two checkpoint loaded to train on) keeps training it; its
+        settings must then match. `merge_lora()` first to fold it into the backbone and start a fresh LoRA.
+        """
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         self.requires_grad_(False)
         for name, settings in (("text", text_lora), ("vision", vision_lora)):
+            backbone, recorded = getattr(self, f"{name}_model"), getattr(self.config, f"lora_{name}")
+            if isinstance(backbone, PeftModel):
+                if settings and _lora_shape(settings) != _lora_shape(recorded):
+                    raise ValueError(
+                        f"peft_{name}: the loaded model already has LoRA {_lora_shape(recorded)}, which phase two "
+                        f"continues, but the config asks for {_lora_shape(settings)}; use the same settings, or set "
+                        "checkpoint.loaded_lora: merge to merge the loaded LoRA and add a fresh one"
+                    )
+                for parameter_name, parameter in backbone.named_parameters():
+                    parameter.requires_grad_("lora_" in parameter_name)
+                logger.info("LoRA on the %s model: continuing the loaded adapter %s", name, _lora_shape(recorded))
+                continue
             if not settings:
                 continue
-            backbone = getattr(self, f"{name}_model")
             settings = dict(settings)
-            _check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
+            matched = _check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
             with quiet_loading():
                 setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
             setattr(self.config, f"lora_{name}", settings)
+            logger.info("LoRA on the %s model: %d layers (%s)", name, len(matched), ", ".join(sorted(set(matched))))
         self.vision_adapter.float().requires_grad_(True)
+        return self
+
+    def merge_lora(self) -> PhiClipMLLM:
+        """Fold LoRA into the backbone weights in place (outputs unchanged); merged backbones are saved in full."""
+        from peft import PeftModel
+
+        for name in ("text", "vision"):
+            backbone = getattr(self, f"{name}_model")
+            if isinstance(backbone, PeftModel):
+                setattr(self, f"{name}_model", backbone.merge_and_unload())
+                setattr(self.config, f"lora_{name}", None)
+                if f"{name}_model" not in self.config.saved_backbones:
+                    self.config.saved_backbones.append(f"{name}_model")
         return self
 
     def enable_gradient_checkpointing(self) -> None:
@@ -252,36 +306,34 @@ class PhiClipMLLM(nn.Module):
         """
         from peft import PeftModel
 
+        if merge_lora:
+            self.merge_lora()
         directory = Path(directory)
         staging = directory.with_name(directory.name + ".incomplete")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         config = copy.deepcopy(self.config)
+        for key in ("text_model", "vision_model", "tokenizer"):
+            value = getattr(config, key)
+            if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
+                setattr(config, key, str(Path(value).expanduser().resolve()))
         for name in ("text", "vision"):
             backbone = getattr(self, f"{name}_model")
             has_lora = isinstance(backbone, PeftModel)
-            if has_lora and merge_lora:
-                backbone = backbone.merge_and_unload()
-                setattr(self, f"{name}_model", backbone)
-                setattr(self.config, f"lora_{name}", None)
-                setattr(config, f"lora_{name}", None)
-                has_lora = False
-            elif has_lora:
-                backbone.save_pretrained(staging / f"lora_{name}")
-            stored = f"{name}_model" in config.saved_backbones
-            if isinstance(getattr(config, f"{name}_model"), dict) or stored or merge_lora:
+            if has_lora:
+                with quiet_loading():
+                    backbone.save_pretrained(staging / f"lora_{name}")
+            if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
                 base = backbone.get_base_model() if has_lora else backbone
                 with quiet_loading():
                     base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
-                if not stored:
+                if f"{name}_model" not in config.saved_backbones:
                     config.saved_backbones.append(f"{name}_model")
-                    if merge_lora:
-                        self.config.saved_backbones.append(f"{name}_model")
         adapter_state = {k: v.detach().contiguous() for k, v in self.vision_adapter.state_dict().items()}
         save_file(adapter_state, staging / ADAPTER_FILE)
         self.tokenizer.save_pretrained(staging)
         self.image_processor.save_pretrained(staging)
-        (staging / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (staging / "config.json").write_text(config.to_json_string())
         if directory.exists():
             shutil.rmtree(directory)
         staging.rename(directory)
@@ -294,14 +346,16 @@ class PhiClipMLLM(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         trainable: bool = False,
+        **runtime: Any,
     ) -> PhiClipMLLM:
         """Restore a checkpoint directory written by save_pretrained (or a file inside it).
 
-        `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume).
+        `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume). `runtime`
+        replaces settings that change no weight (max_length, attn_implementation, prompt_format, tokenizer).
         """
         from peft import PeftModel
 
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_dir() and (path.parent / "config.json").is_file():
             path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
         elif path.is_file():
@@ -315,9 +369,14 @@ class PhiClipMLLM(nn.Module):
             raise FileNotFoundError(f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})")
         if not (path / ADAPTER_FILE).is_file():
             raise FileNotFoundError(f"{path}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
-        config = PhiClipConfig.from_dict(
-            json.loads((path / "config.json").read_text()), where=str(path / "config.json")
-        )
+        unknown = sorted(set(runtime) - set(PhiClipConfig.RUNTIME_KEYS))
+        if unknown:
+            raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
+        values = read_config_file(path / "config.json", "PhiClipMLLM") | runtime
+        try:
+            config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(str(error)) from None
         model = cls(config, checkpoint_dir=path, dtype=dtype)
         for name in ("text", "vision"):
             if getattr(config, f"lora_{name}"):
@@ -325,10 +384,13 @@ class PhiClipMLLM(nn.Module):
                 if not (lora_dir / "adapter_config.json").is_file():
                     raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
                 backbone = getattr(model, f"{name}_model")
-                with quiet_loading():
-                    backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
+                try:
+                    with quiet_loading():
+                        backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
+                except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+                    raise CheckpointError(f"{lora_dir}: the LoRA adapter cannot be loaded ({error})") from None
                 setattr(model, f"{name}_model", backbone)
-        model.vision_adapter.load_state_dict(load_file(path / ADAPTER_FILE))
+        model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
         model.requires_grad_(False)
         if trainable:
             model.vision_adapter.float().requires_grad_(True)
@@ -338,49 +400,19 @@ class PhiClipMLLM(nn.Module):
         return model.to(device) if device is not None else model
 
 
-def _attention_with_contiguous_value() -> str:
-    """Register (once) SDPA attention that is handed a contiguous copy of `value`; returns its name.
-
-    Phi-3 slices q, k and v out of one fused qkv_proj output. RoPE turns q and k into new tensors, but v stays a
-    view, so the v that SDPA saves for backward pins the whole fused output (3 hidden-size values per token and
-    layer instead of 1). transformers has no switch for this, so it is written here; outputs are bit-identical.
-    """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if CONTIGUOUS_VALUE_SDPA not in AttentionInterface._global_mapping:
-
-        def attention(module, query, key, value, *args, **kwargs):
-            return sdpa_attention_forward(module, query, key, value.contiguous(), *args, **kwargs)
-
-        AttentionInterface.register(CONTIGUOUS_VALUE_SDPA, attention)
-        AttentionMaskInterface.register(CONTIGUOUS_VALUE_SDPA, sdpa_mask)
-    return CONTIGUOUS_VALUE_SDPA
-
-
-# A full CLIP checkpoint (openai/clip-vit-large-patch14 is one) also holds the text tower and projections.
-CLIP_NON_VISION_KEYS = (r"(^|\.)text_model\.", r"(^|\.)(text|visual)_projection\.", r"(^|\.)logit_scale$")
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """Load or save backbones without transformers' per-file progress bars, the FutureWarning peft triggers on
-    transformers 5 (`is_gradient_checkpointing`), or a load report listing a full CLIP checkpoint's text-tower
-    weights as UNEXPECTED (the vision tower never needs them; missing or mismatched weights are still reported).
-    """
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    ignored = CLIPVisionModel._keys_to_ignore_on_load_unexpected
-    CLIPVisionModel._keys_to_ignore_on_load_unexpected = [*(ignored or []), *CLIP_NON_VISION_KEYS]
+def _read_adapter(file: Path, adapter: nn.Module) -> dict:
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            yield
-    finally:
-        CLIPVisionModel._keys_to_ignore_on_load_unexpected = ignored
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+        state = load_file(file)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{file}: cannot be read as safetensors (truncated or corrupt?): {error}") from None
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise CheckpointError(
+            f"{file}: holds tensors {found}, but config.json describes an adapter of {expected} "
+            "(adapter_dim or the backbones' widths differ from the run that wrote it)"
+        )
+    return state
 
 
 def _without_lora(state_dict: dict) -> dict:
@@ -388,72 +420,91 @@ def _without_lora(state_dict: dict) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
 
 
-def _check_lora_targets(backbone: nn.Module, targets, where: str) -> None:
-    # peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
+def _lora_shape(settings: dict | None) -> dict:
+    """The LoRA settings that decide its weights' shapes and meaning (peft's defaults filled in)."""
+    settings = settings or {}
+    targets = settings.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+    return {"r": settings.get("r", 8), "lora_alpha": settings.get("lora_alpha", 8), "target_modules": targets}
+
+
+def _check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:
+    """The names of the linear layers `target_modules` adapts (a list of names, a regex, or "all-linear").
+
+    peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
+    """
     if not targets:
         raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    linear_names = {name.rsplit(".", 1)[-1] for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
-    dead = [t for t in targets if t not in linear_names]
+    output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    linear = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer}
+    short_names = {name.rsplit(".", 1)[-1] for name in linear}
+    if targets == "all-linear":
+        return [name.rsplit(".", 1)[-1] for name in linear]
+    if isinstance(targets, str):  # peft: a regex that must match a module's full name
+        try:
+            matched = [name.rsplit(".", 1)[-1] for name in linear if re.fullmatch(targets, name)]
+        except re.error as error:
+            raise ValueError(f"{where}.target_modules: {targets!r} is not a valid regex ({error})") from None
+        if not matched:
+            raise ValueError(
+                f"{where}.target_modules: the regex {targets!r} matches no linear layer of {type(backbone).__name__} "
+                f"(it must match a whole name such as {next(iter(linear), '')!r}); layer names: {sorted(short_names)}"
+            )
+        return matched
+    dead = [t for t in targets if t not in short_names]
     if dead:
         raise ValueError(
             f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "
-            f"available: {sorted(linear_names)}"
+            f"available: {sorted(short_names)}"
         )
+    return [name.rsplit(".", 1)[-1] for name in linear if name.rsplit(".", 1)[-1] in targets]
 
 
-def _load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
-    source = checkpoint_dir or config.tokenizer or config.text_model
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except OSError as error:
-        raise OSError(f"model.tokenizer: cannot load a tokenizer from {str(source)!r} ({error})") from error
+@torch.no_grad()
+def generate(
+    model: PhiClipMLLM,
+    prompts: str | list[str] | list[list[dict]],
+    images: Any = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    streamer: Any = None,
+) -> list[str]:
+    """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training.
 
-
-def _load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int):
-    processor_class = image_processor_class()
-    if checkpoint_dir is not None:
-        return processor_class.from_pretrained(str(checkpoint_dir))
-    if isinstance(config.vision_model, str):
-        try:
-            return processor_class.from_pretrained(config.vision_model)
-        except OSError:
-            logger.warning(
-                "%s has no preprocessor_config.json: using CLIP's defaults at %d px", config.vision_model, image_size
-            )
-    # An inline (random) tower, or none saved: CLIP's preprocessing at the tower's resolution.
-    return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-
-
-def _load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer) -> nn.Module:
-    source = getattr(config, f"{name}_model")
-    auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
-    attn = config.attn_implementation
-    if checkpoint_dir is not None and f"{name}_model" in config.saved_backbones:
-        source = str(checkpoint_dir / f"{name}_model")
-    if isinstance(source, dict):
-        values = dict(source)
-        if name == "text":
-            # An inline LM is sized for the tokenizer it comes with.
-            values.setdefault("vocab_size", len(tokenizer))
-            values.setdefault("pad_token_id", tokenizer.pad_token_id)
-            values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-            values.setdefault("bos_token_id", None)
-            if values["vocab_size"] < len(tokenizer):
-                raise ValueError(
-                    f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
-                )
-        model_config = AutoConfig.for_model(**values)
-        if name == "text":
-            model = auto_class.from_config(model_config, dtype=dtype, attn_implementation=attn)
-        else:
-            model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
+    `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
+    `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
+    A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
+    """
+    was_training = model.training
+    model.eval()
+    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
+        batch = model.processor(
+            conversations=list(prompts), images=images, padding_side="left", add_generation_prompt=True
+        )
     else:
-        try:
-            with quiet_loading():
-                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
-        except OSError as error:
-            raise OSError(f"model.{name}_model: cannot load {source!r} ({error})") from error
-    if name == "text" and attn == "sdpa":
-        model.set_attn_implementation(_attention_with_contiguous_value())
-    return model
+        batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
+    device = model.text_model.get_input_embeddings().weight.device
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    pixel_values = batch.get("pixel_values")
+    embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+    output_ids = model.text_model.generate(
+        inputs_embeds=embeddings,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+        eos_token_id=model.processor.stop_token_ids,
+        pad_token_id=model.processor.pad_token_id,
+        streamer=streamer,
+        **sampling,
+    )
+    model.train(was_training)
+    # Given only embeddings, the LM returns only the new tokens.
+    return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]

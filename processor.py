@@ -38,6 +38,12 @@ PHI3_CHAT_TEMPLATE = (
 )
 # Images above this are refused before decoding (PIL's own bomb guard only warns below 2x its limit).
 MAX_IMAGE_PIXELS = 100_000_000
+# An image the processor's resize (short side -> 224) would blow up past this is refused (aspect ratio ~500:1).
+MAX_RESIZED_PIXELS = 25_000_000
+
+
+class UnusableSample(ValueError):
+    """A training sample with nothing left to learn: truncation to max_length removed its whole answer."""
 
 
 class PhiClipProcessor:
@@ -134,52 +140,73 @@ class PhiClipProcessor:
         encoded = self.tokenizer([text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True)
         rows, kept_images, dropped = [], [], 0
         for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):
-            ids = np.asarray(ids, dtype=np.int64)
-            # A token is supervised when it overlaps an answer span (a token may carry a leading space from the
-            # prompt side, and Phi-3's <|end|> carries the newline it strips).
-            token_start, token_end = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
-            supervised = np.zeros(len(ids), dtype=bool)
-            for start, end in spans:
-                supervised |= (np.minimum(token_end, end) - np.maximum(token_start, start)) > 0
-            n_placeholders = int((ids == self.image_token_id).sum())
-            if n_placeholders != len(images[i]):
-                raise ValueError(
-                    f"sample {i}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the text but "
-                    f"{len(images[i])} image(s) given"
-                )
-            repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
-            ids, supervised = np.repeat(ids, repeats), np.repeat(supervised, repeats)
-            if self.max_length is not None and len(ids) > self.max_length:
-                image_positions = np.flatnonzero(ids == self.image_token_id)
-                if len(image_positions) and image_positions[-1] >= self.max_length or not spans:
-                    raise ValueError(
-                        f"sample {i} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
-                        f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
-                        f"{'image' if len(image_positions) else 'prompt'}; raise model.max_length or shorten it"
-                    )
-                ids, supervised = ids[: self.max_length], supervised[: self.max_length]
-            if spans and not supervised[1:].any():
+            try:
+                rows.append(self._encode(ids, offsets, spans, len(images[i]), f"sample {i}"))
+            except UnusableSample:
                 if not drop_unsupervised:
-                    raise ValueError(
-                        f"sample {i} has no supervised answer tokens left after truncation to max_length="
-                        f"{self.max_length}; raise model.max_length or shorten the prompt"
-                    )
+                    raise
                 dropped += 1
                 continue
-            labels = np.where(supervised, ids, -100)
-            rows.append((ids, labels))
             kept_images.extend(images[i])
         if dropped:
             logger.warning(
                 "dropped %d sample(s) whose answer was truncated away (max_length=%s)", dropped, self.max_length
             )
         if not rows:
-            raise ValueError("every sample of the batch was dropped: no supervised tokens left")
+            raise UnusableSample("every sample of the batch was dropped: no supervised tokens left")
         batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
         if kept_images:
-            pil_images = [load_image(image) for image in kept_images]
+            pil_images = [load_image(image, self.image_short_side) for image in kept_images]
             batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
         return batch
+
+    def check(self, conversation: list[dict], n_images: int) -> None:
+        """Raise ValueError naming the problem when this training sample cannot be used as it is.
+
+        Problems: a placeholder count that differs from `n_images`, truncation to max_length that would cut into
+        an image or the prompt, or (UnusableSample) no answer token left after truncation. Text only: cheap.
+        """
+        text, spans = self.format_conversation(conversation)
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        self._encode(encoded["input_ids"], encoded["offset_mapping"], spans, n_images, "sample")
+
+    @property
+    def image_short_side(self) -> int | None:
+        """The side the image processor resizes an image's short side to (CLIP: 224), when it says."""
+        size = getattr(self.image_processor, "size", None) or {}
+        return size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0)) or None
+
+    def _encode(self, ids: list[int], offsets: list, spans: list, n_images: int, where: str) -> tuple:
+        """One tokenised text -> (input_ids, labels) with placeholders expanded and answers supervised."""
+        ids = np.asarray(ids, dtype=np.int64)
+        # A token is supervised when it overlaps an answer span (a token may carry a leading space from the
+        # prompt side, and Phi-3's <|end|> carries the newline it strips).
+        token_start, token_end = np.asarray(offsets, dtype=np.int64).reshape(-1, 2).T
+        supervised = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            supervised |= (np.minimum(token_end, end) - np.maximum(token_start, start)) > 0
+        n_placeholders = int((ids == self.image_token_id).sum())
+        if n_placeholders != n_images:
+            raise ValueError(
+                f"{where}: {n_placeholders} {IMAGE_TOKEN} placeholder(s) in the text but {n_images} image(s) given"
+            )
+        repeats = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
+        ids, supervised = np.repeat(ids, repeats), np.repeat(supervised, repeats)
+        if self.max_length is not None and len(ids) > self.max_length:
+            image_positions = np.flatnonzero(ids == self.image_token_id)
+            if len(image_positions) and image_positions[-1] >= self.max_length or not spans:
+                raise ValueError(
+                    f"{where} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
+                    f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
+                    f"{'image' if len(image_positions) else 'prompt'}; raise model.max_length or shorten it"
+                )
+            ids, supervised = ids[: self.max_length], supervised[: self.max_length]
+        if spans and not supervised[1:].any():
+            raise UnusableSample(
+                f"{where} has no supervised answer tokens left after truncation to max_length="
+                f"{self.max_length}; raise model.max_length or shorten the prompt"
+            )
+        return ids, np.where(supervised, ids, -100)
 
     def _pad(self, rows: list, padding_side: str, with_labels: bool) -> dict[str, torch.Tensor]:
         if padding_side not in ("left", "right"):
@@ -215,14 +242,17 @@ def _images_per_sample(images: Any, batch_size: int) -> list[list]:
 
 def image_processor_class():
     """The CLIP image-processor class to use here (the PIL one when torchvision is absent)."""
-    # transformers' default CLIP processor needs torchvision; the PIL one gives the same pixels without it.
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
+    # transformers' default CLIP processor needs torchvision from 5.5 on; its PIL twin gives the same pixels.
+    if not is_torchvision_available():
+        try:
+            from transformers import CLIPImageProcessorPil
 
-        return CLIPImageProcessor
-    from transformers import CLIPImageProcessorPil
+            return CLIPImageProcessorPil
+        except ImportError:  # transformers < 5.5, where CLIPImageProcessor is the PIL one
+            pass
+    from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessorPil
+    return CLIPImageProcessor
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -230,11 +260,16 @@ class BadImageError(ValueError):
     """An image that cannot be used: missing, empty, corrupt, truncated or too large."""
 
 
-def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
-    """Open a path, PIL image or HxW[xC] array as an upright RGB PIL image; raise BadImageError if unusable."""
+def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: int | None = None) -> Image.Image:
+    """Open a path, PIL image or HxW[xC] array as an upright RGB PIL image; raise BadImageError if unusable.
+
+    `short_side`: the size the image processor scales the short side to. An image whose scaled size would pass
+    MAX_RESIZED_PIXELS (an extreme aspect ratio: 20000x1 scales to 224 x 4,480,000) is refused before resizing.
+    """
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
+        _check_resized_size(image.size, short_side, "image")
         return _to_rgb(_upright(image))
     path = Path(image)
     try:
@@ -250,6 +285,7 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
                         f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
                         f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
                     )
+                _check_resized_size(opened.size, short_side, path)
                 opened.load()
                 return _to_rgb(_upright(opened))
     except BadImageError:
@@ -260,6 +296,18 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Ima
         raise BadImageError(f"{path}: refused as a possible decompression bomb ({error})") from error
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise BadImageError(f"{path}: cannot be decoded as an image ({error})") from error
+
+
+def _check_resized_size(size: tuple[int, int], short_side: int | None, name: Any) -> None:
+    width, height = size
+    if not short_side:
+        return
+    resized = short_side * short_side * max(width, height) // max(1, min(width, height))
+    if resized > MAX_RESIZED_PIXELS:
+        raise BadImageError(
+            f"{name}: {width}x{height} is too elongated: scaling its short side to {short_side} px would make "
+            f"{resized} pixels (limit {MAX_RESIZED_PIXELS})"
+        )
 
 
 def _upright(image: Image.Image) -> Image.Image:

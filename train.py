@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import CommandLine, ConfigError, load_config, torch_dtype
+from config import CommandLine, ConfigError, backbone_architecture, load_config, torch_dtype
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -47,20 +47,27 @@ def command_line() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
 
-import importlib.util  # the heavy imports follow the early argument check above
+import contextlib  # the heavy imports follow the early argument check above
+import importlib.util
+import json
 import logging
+import math
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from backbones import CheckpointError, read_config_file
 from dataset import Collator, make_dataset
 from generate import generate
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
@@ -68,6 +75,7 @@ from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 logger = logging.getLogger("train")
 
 COMPLETE_MARKER = "checkpoint_complete"  # written last: a checkpoint directory without it is ignored
+LOCK_FILE = "train.lock"  # a live run's pid and host
 __all__ = ["ConfigError", "load_config", "complete_checkpoints", "run_training", "run_demo", "main"]
 
 
@@ -97,16 +105,20 @@ def _publish(model: PhiClipMLLM, directory: Path) -> None:
     staged.rmdir()
 
 
+SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}  # counted by dataset.Collator
+
+
 class PhiClipTrainer(Trainer):
-    """Trainer that saves our checkpoint layout, marks complete checkpoints and counts bad images."""
+    """Trainer that saves our checkpoint layout, marks complete checkpoints and counts skipped samples."""
 
     def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.keep_checkpoints, self.bad_images = keep_checkpoints, 0
+        self.keep_checkpoints, self.skipped = keep_checkpoints, dict.fromkeys(SKIPPED, 0)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        bad = inputs.pop("num_bad_images", None)  # counted by dataset.Collator, not a model input
-        self.bad_images += int(bad) if bad is not None and model.training else 0
+        for key in SKIPPED:  # not model inputs
+            count = inputs.pop(key, None)
+            self.skipped[key] += int(count) if count is not None and model.training else 0
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -135,32 +147,42 @@ class PhiClipTrainer(Trainer):
 
 
 class ProgressReport(TrainerCallback):
-    """Greedy captions for a few fixed val images at each evaluation; bad-image counts at each epoch end."""
+    """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
+    the epoch's draws at each epoch start; skipped-sample counts at each epoch end."""
 
     def __init__(self, trainer: PhiClipTrainer, val_set, count: int):
         self.trainer = trainer
         self.samples = [val_set.sample(i, epoch=0) for i in range(min(count, len(val_set)))] if val_set else []
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # accelerate's sharded loader (several processes) does not pass the epoch on to the dataset, whose
+        # instructions and captions are drawn per epoch; the workers copy it when the epoch's iterator starts.
+        self.trainer.train_dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
+
     def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero and self.samples:
-            prompts = [s["conversation"][0]["content"] for s in self.samples]
-            replies = generate(model, prompts, [s["images"] for s in self.samples], max_new_tokens=32)
-            for sample, reply in zip(self.samples, replies):
-                logger.info(
-                    "step %d caption %s: %r (reference %r)",
-                    state.global_step,
-                    sample["id"],
-                    reply,
-                    sample["conversation"][-1]["content"],
-                )
+        if not (state.is_world_process_zero and self.samples):
+            return
+        prompts = [s["conversation"][0]["content"] for s in self.samples]
+        replies = generate(model, prompts, [s["images"] for s in self.samples], max_new_tokens=32)
+        lines = []
+        for sample, reply in zip(self.samples, replies):
+            reference = sample["conversation"][1]["content"]
+            logger.info("step %d caption %s: %r (reference %r)", state.global_step, sample["id"], reply, reference)
+            lines.append(f"| {sample['id']} | {reply} | {reference} |")
+        board = next((c for c in self.trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+        if board is not None and board.tb_writer is not None:
+            table = "| sample | reply | reference |\n|---|---|---|\n" + "\n".join(lines)
+            board.tb_writer.add_text("eval/captions", table, state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        accelerator, count = self.trainer.accelerator, torch.tensor(self.trainer.bad_images)
+        accelerator = self.trainer.accelerator
+        counts = torch.tensor([self.trainer.skipped[key] for key in SKIPPED])
         if accelerator.num_processes > 1:
-            count = accelerator.reduce(count.to(accelerator.device), "sum").cpu()
+            counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
         if state.is_world_process_zero:
-            logger.info("epoch %.2f: %d bad image(s) skipped", state.epoch or 0, int(count))
-        self.trainer.bad_images = 0
+            skipped = ", ".join(f"{int(n)} {what} skipped" for n, what in zip(counts, SKIPPED.values()))
+            logger.info("epoch %.2f: %s", state.epoch or 0, skipped)
+        self.trainer.skipped = dict.fromkeys(SKIPPED, 0)
 
 
 class LogLines(TrainerCallback):
@@ -195,20 +217,60 @@ def _train(trainer: Trainer, stage: str, **train_kwargs) -> None:
 
 # ----------------------------------------------------------------------------------------------------- training
 def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> PhiClipMLLM:
-    """The model to train: fresh (phase one), from load_dir + LoRA (phase two), or from a checkpoint (resume)."""
-    dtype = torch_dtype(config["dtype"])
-    if resume_dir is not None:
-        model = PhiClipMLLM.from_pretrained(resume_dir, dtype=dtype, trainable=True)
-    elif phase == "one":
-        model = PhiClipMLLM(PhiClipConfig.from_dict(config["model"]), dtype=dtype).prime_model("one")
+    """The model to train: fresh (phase one), from load_dir + LoRA (phase two), or from a checkpoint (resume).
+
+    A loaded model takes the YAML's runtime settings (max_length, attn_implementation, ...); an architecture
+    setting that disagrees with the loaded checkpoint is an error naming both values.
+    """
+    dtype, model_section = torch_dtype(config["dtype"]), config["model"] or {}
+    source = resume_dir or (Path(config["checkpoint"]["load_dir"]) if phase == "two" else None)
+    if source is None:
+        model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype).prime_model("one")
     else:
-        model = PhiClipMLLM.from_pretrained(config["checkpoint"]["load_dir"], dtype=dtype, trainable=True)
-        model.setup_lora(config["peft_text"], config["peft_vision"])
+        runtime = {k: v for k, v in model_section.items() if k in PhiClipConfig.RUNTIME_KEYS}
+        _check_architecture(model_section, source)
+        model = PhiClipMLLM.from_pretrained(source, dtype=dtype, trainable=True, **runtime)
+        lora = {name: bool(getattr(model.config, f"lora_{name}")) for name in ("text", "vision")}
+        if resume_dir is not None:
+            wanted = {name: bool(config[f"peft_{name}"]) and phase == "two" for name in ("text", "vision")}
+            if lora != wanted:
+                raise ConfigError(
+                    f"--resume {resume_dir}: that checkpoint has LoRA on {_which(lora)}, but this phase-{phase} "
+                    f"config trains LoRA on {_which(wanted)}: resume a checkpoint of this run (its output_dir)"
+                )
+        else:
+            if config["checkpoint"]["loaded_lora"] == "merge" and any(lora.values()):
+                logger.info("merging the loaded LoRA (%s) into the backbones before adding fresh LoRA", _which(lora))
+                model.merge_lora()
+            model.setup_lora(config["peft_text"], config["peft_vision"])
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     if config["training_args"]["torch_compile"]:
         model.compile_language_model()
     return model
+
+
+def _which(flags: dict) -> str:
+    return " and ".join(f"the {name} model" for name, on in flags.items() if on) or "neither backbone"
+
+
+def _check_architecture(model_section: dict, checkpoint: Path) -> None:
+    """The YAML's architecture keys must describe the checkpoint being loaded (a phase-two file copies them)."""
+    stored = PhiClipConfig.from_dict(read_config_file(checkpoint / "config.json", "PhiClipMLLM"))
+    for key in PhiClipConfig.ARCHITECTURE_KEYS:
+        if key not in model_section:
+            continue
+        wanted, found = model_section[key], getattr(stored, key)
+        if key == "vision_feature_layer" and wanted < 0:  # stored as the number of layers kept
+            layers = (backbone_architecture(stored.vision_model) or {}).get("num_hidden_layers")
+            if layers is None:
+                continue  # the tower's depth is not known offline: nothing to compare against
+            wanted = layers + 1 + wanted
+        if wanted != found:
+            raise ConfigError(
+                f"model.{key} is {wanted!r} in the config but {found!r} in {checkpoint / 'config.json'}, the model "
+                f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {found!r})"
+            )
 
 
 def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArguments:
@@ -297,8 +359,15 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
 def run_training(config: dict, phase: str, resume: bool | str | None = None) -> PhiClipMLLM:
     """Train one phase as configured; writes checkpoints and the final model into checkpoint.output_dir."""
     output_dir = Path(config["checkpoint"]["output_dir"])
+    with output_lock(output_dir):
+        return _run_training(config, phase, output_dir, resume)
+
+
+def _run_training(config: dict, phase: str, output_dir: Path, resume: bool | str | None) -> PhiClipMLLM:
     complete = complete_checkpoints(output_dir)
-    resume_dir = Path(resume) if isinstance(resume, str) else (complete[-1] if resume and complete else None)
+    resume_dir = (
+        Path(resume).expanduser() if isinstance(resume, str) else (complete[-1] if resume and complete else None)
+    )
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
     if complete and not resume:
@@ -316,6 +385,11 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
     if resume_dir:
         logger.info("resuming from %s", resume_dir)
     started, model = time.time(), build_model(config, phase, resume_dir)
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in ("lora_text", "lora_vision", "revisions")}
+    logger.info("model: %s", ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, dict)))
+    for dataset in (train_set, val_set):
+        if dataset is not None:
+            dataset.attach(model.processor)  # samples too long for max_length are skipped and counted
     if phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0:
         text_warmup(model, train_set, config)
     counts, trains = model.parameter_counts(), "the adapter" if phase == "one" else "the adapter and LoRA"
@@ -336,7 +410,11 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
-    _train(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    if resume_dir is not None and _finished(resume_dir):
+        # Trainer would take one more step past max_steps; the run was killed while writing its final model.
+        logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)
+    else:
+        _train(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
         _publish(model, output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
@@ -344,11 +422,65 @@ def run_training(config: dict, phase: str, resume: bool | str | None = None) -> 
     return model
 
 
+def _finished(checkpoint: Path) -> bool:
+    state = read_config_file(checkpoint / "trainer_state.json", "Trainer state")
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path):
+    """Refuse at once to start a second run in an output directory that a live run is writing to.
+
+    The lock file names the pid and host; one left by a run that died on this host is taken over. Only the main
+    process (RANK 0) holds it: the other ranks of the same run write into the same directory.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock, me = output_dir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
+    for _ in range(2):
+        try:
+            with open(lock, "x") as handle:
+                json.dump(me, handle)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                logger.warning("%s: taking over the lock of a run that is gone (pid %s)", lock, holder.get("pid"))
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(
+                f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, started "
+                f"{holder.get('started')}): wait for it, choose another checkpoint.output_dir, or delete {lock} if "
+                "that run is gone"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # --------------------------------------------------------------------------------------------------------- demo
 def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     """make-demo (if absent), phase one (tiny.yaml), phase two (tiny_p2.yaml); greedy exact match after each."""
-    from dataset import make_demo
     from evaluate import evaluate
+    from shapes import make_demo
 
     # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
     torch.set_num_threads(1)
@@ -384,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         format="%(asctime)s %(name)s: %(message)s",
     )
-    overrides = list(args.set) + ([f"training_args.max_steps={args.max_steps}"] if args.max_steps else [])
+    overrides = list(args.set) + ([f"training_args.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     try:
         if args.demo:
             run_demo(overrides)
@@ -399,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(dry_run(config, phase, args.gpu_memory_gb))
             else:
                 run_training(config, phase, args.resume)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -10,8 +10,7 @@ import pytest
 from conftest import ROOT, random_image
 
 from chat import Conversation, StreamedReply, sampling_options
-from generate import generate
-from model import IMAGE_TOKEN
+from model import IMAGE_TOKEN, generate
 
 COMMANDS = ("export.py", "chat.py", "demo.py")
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import dataset as D
+import shapes
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO = SHARED_DATA / "coco"
@@ -61,7 +62,7 @@ def tiny_processor(make_model):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    D.make_demo(out, n=340, seed=0)
+    shapes.make_demo(out, n=340, seed=0)
     return out
 
 
@@ -447,9 +448,9 @@ def test_one_caption_per_image_varies_across_epochs():
 
 
 def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
-    D.main(["make-demo", "--out", str(tmp_path / "same"), "--n", "340", "--seed", "0"])
+    shapes.main(["--out", str(tmp_path / "same"), "--n", "340", "--seed", "0"])
     assert "chance level 1/20" in capsys.readouterr().out
-    D.make_demo(tmp_path / "other", n=340, seed=1)
+    shapes.make_demo(tmp_path / "other", n=340, seed=1)
     for name in ("captions_train.json", "captions_val.json"):
         assert (demo_dir / name).read_bytes() == (tmp_path / "same" / name).read_bytes()
         assert (demo_dir / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
@@ -459,7 +460,7 @@ def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
         (demo_dir / "images" / n).read_bytes() == (tmp_path / "same" / "images" / n).read_bytes() for n in images
     )
 
-    captions = D.demo_captions()
+    captions = shapes.demo_captions()
     assert len(set(captions)) == 20
     for name, size in (("captions_val.json", 300), ("captions_train.json", 40)):
         data = json.loads((demo_dir / name).read_text())
@@ -475,7 +476,7 @@ def test_demo_images_show_their_caption(demo_dir):
         pixels = np.asarray(Image.open(demo_dir / "images" / image["file_name"]).convert("RGB")).reshape(-1, 3)
         colours, counts = np.unique(pixels, axis=0, return_counts=True)
         shape_colour = tuple(colours[np.argsort(counts)[-2]])  # the background is the most common colour
-        assert shape_colour == D.DEMO_COLOURS[colour], annotation
+        assert shape_colour == shapes.DEMO_COLOURS[colour], annotation
         assert counts[np.argsort(counts)[-2]] > 0.1 * len(pixels)
 
 
@@ -484,7 +485,7 @@ def test_demo_tokenizer_is_loadable_and_short(demo_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_dir / "tokenizer"))
     assert all(t in tokenizer.get_vocab() for t in D.PHI3_SPECIAL_TOKENS)
-    assert max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in D.demo_captions()) <= 4
+    assert max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in shapes.demo_captions()) <= 4
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )

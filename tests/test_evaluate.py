@@ -9,9 +9,10 @@ import torch
 from conftest import random_image
 
 import generate as generate_cli
-from dataset import make_dataset, make_demo
+from dataset import make_dataset
 from evaluate import caption_scores, evaluate, normalize_caption
 from model import PhiClipMLLM
+from shapes import make_demo
 
 
 def test_normalize_caption():

@@ -12,8 +12,7 @@ from conftest import PHI3_TOKENIZER, ROOT, TINY_TEXT, random_image, require_shar
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from export import export_llava, export_merged, unsupported_by_llava
-from generate import generate
-from model import IMAGE_TOKEN, PhiClipMLLM
+from model import IMAGE_TOKEN, PhiClipMLLM, generate
 
 TEXT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"], "lora_dropout": 0.0}
 VISION_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "out_proj", "fc1"], "lora_dropout": 0.0}

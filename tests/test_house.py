@@ -14,8 +14,8 @@ import yaml
 from conftest import ROOT, TINY_TEXT, TINY_VISION, random_image
 from transformers import CLIPConfig, CLIPModel
 
-from dataset import make_demo
 from model import PhiClipConfig, PhiClipMLLM
+from shapes import make_demo
 
 COMMANDS = ("train.py", "generate.py", "evaluate.py")
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
@@ -92,6 +92,12 @@ def test_bad_input_is_one_error_line_before_any_model_loads(tmp_path, argv, expe
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+def test_every_module_is_installed_by_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"]
+    assert sorted(listed) == sorted(path.stem for path in ROOT.glob("*.py"))
 
 
 def test_readme_notebook_snippet_runs_from_any_directory(make_model, tmp_path):

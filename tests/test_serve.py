@@ -20,8 +20,7 @@ from conftest import TINY_TEXT, TINY_VISION, random_image
 from test_export import phase_two_checkpoint
 
 from export import export_llava
-from generate import generate
-from model import IMAGE_TOKEN, PhiClipMLLM
+from model import IMAGE_TOKEN, PhiClipMLLM, generate
 
 SERVER_START_TIMEOUT = 180  # seconds: importing the serving stack and loading the model on a busy 2-core machine
 REQUEST_TIMEOUT = 120

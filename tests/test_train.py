@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 
 import dry_run
 import train
-from dataset import BadImageError, make_demo
+from dataset import BadImageError
 from generate import generate
 from model import PhiClipMLLM
+from shapes import make_demo
 
 CONFIGS = ROOT / "training_configs"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -111,7 +112,8 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
     assert loaded["training_args"]["learning_rate"] == 1e-4  # YAML's "1e-4" string became a float
     assert loaded["text_warmup"] == {"steps": 7, "learning_rate": 1e-3, "batch_size": 32, "describe": True}
     assert loaded["training_args"]["gradient_accumulation_steps"] == 1 and loaded["peft_text"] is None
-    assert loaded["data"]["train"] == {"format": "coco", **config["phase_one"], "on_bad_image": "skip"}
+    expected = {"format": "coco", **config["phase_one"], "on_bad_image": "skip", "on_bad_record": "skip"}
+    assert loaded["data"]["train"] == expected
     assert loaded["path"] == str(path)
     for name, phase in (("phi_clip.yaml", "one"), ("phi_clip_p2.yaml", "two"), ("tiny.yaml", "one")):
         train.load_config(CONFIGS / name, phase=phase, check_paths=False)

@@ -1,0 +1,176 @@
+"""Where the pretrained parts come from: Phi-3, the CLIP vision tower, the tokenizer and the image processor.
+
+A backbone is a hub id, a local directory, an inline config dict (random weights, the tiny demo's), or the copy a
+checkpoint stores. Loading is quiet (no per-file progress bars or expected-key reports), records the hub revision
+of a backbone loaded by name, and turns a broken file into an error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers.utils import logging as hf_logging
+
+from config import PhiClipConfig
+from processor import image_processor_class
+
+logger = logging.getLogger(__name__)
+
+CONTIGUOUS_VALUE_SDPA = "sdpa_contiguous_value"
+# A full CLIP checkpoint (openai/clip-vit-large-patch14 is one) also holds the text tower and projections.
+CLIP_NON_VISION_KEYS = (r"(^|\.)text_model\.", r"(^|\.)(text|visual)_projection\.", r"(^|\.)logit_scale$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # one of them holds the vocabulary
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or backbone) that cannot be loaded; the message names the file and what is wrong with it."""
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Load or save backbones without transformers' per-file progress bars, the FutureWarning peft triggers on
+    transformers 5 (`is_gradient_checkpointing`), or a load report listing a full CLIP checkpoint's text-tower
+    weights as UNEXPECTED (the vision tower never needs them; missing or mismatched weights are still reported).
+    """
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    ignored = CLIPVisionModel._keys_to_ignore_on_load_unexpected
+    CLIPVisionModel._keys_to_ignore_on_load_unexpected = [*(ignored or []), *CLIP_NON_VISION_KEYS]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            yield
+    finally:
+        CLIPVisionModel._keys_to_ignore_on_load_unexpected = ignored
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def read_config_file(path: Path, where: str) -> dict:
+    """A checkpoint's config.json as a dict, or a CheckpointError naming it."""
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable {where} config.json ({error})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
+
+
+def load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
+    """The checkpoint's own tokenizer files, else `model.tokenizer` (or the text model's)."""
+    source = checkpoint_dir or config.tokenizer or config.text_model
+    if checkpoint_dir is not None and not any((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{checkpoint_dir}: the tokenizer files are missing (expected tokenizer.json and tokenizer_config.json, "
+            "which save_pretrained writes): the checkpoint is incomplete"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as error:
+        where = f"{source}: the checkpoint's tokenizer" if checkpoint_dir else f"model.tokenizer {str(source)!r}"
+        raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())})") from None
+
+
+def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int):
+    """The checkpoint's preprocessor_config.json, else the vision model's, else CLIP's defaults at its size."""
+    processor_class = image_processor_class()
+    if checkpoint_dir is not None:
+        try:
+            return processor_class.from_pretrained(str(checkpoint_dir))
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{checkpoint_dir}/preprocessor_config.json: cannot be loaded ({error})") from None
+    if isinstance(config.vision_model, str):
+        try:
+            return processor_class.from_pretrained(config.vision_model)
+        except OSError:
+            logger.warning(
+                "%s has no preprocessor_config.json: using CLIP's defaults at %d px", config.vision_model, image_size
+            )
+    # An inline (random) tower, or none saved: CLIP's preprocessing at the tower's resolution.
+    return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def load_backbone(config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer) -> nn.Module:
+    """The `name` ("text" / "vision") backbone: stored in the checkpoint, inline (random), local or from the hub.
+
+    A backbone loaded by hub id records its revision (commit hash) in `config.revisions`; loading a checkpoint onto
+    a different revision than it was trained on warns (the hub's files can change under the same name).
+    """
+    key = f"{name}_model"
+    source = getattr(config, key)
+    auto_class = AutoModelForCausalLM if name == "text" else CLIPVisionModel
+    attn = config.attn_implementation
+    stored = checkpoint_dir is not None and key in config.saved_backbones
+    if stored:
+        source = str(checkpoint_dir / key)
+    if isinstance(source, dict):
+        values = dict(source)
+        if name == "text":
+            # An inline LM is sized for the tokenizer it comes with.
+            values.setdefault("vocab_size", len(tokenizer))
+            values.setdefault("pad_token_id", tokenizer.pad_token_id)
+            values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+            values.setdefault("bos_token_id", None)
+            if values["vocab_size"] < len(tokenizer):
+                raise ValueError(
+                    f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
+                )
+        model_config = AutoConfig.for_model(**values)
+        if name == "text":
+            model = auto_class.from_config(model_config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = auto_class._from_config(model_config, dtype=dtype, attn_implementation=attn)
+    else:
+        try:
+            with quiet_loading():
+                model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        except (OSError, ValueError, RuntimeError) as error:
+            where = f"{source}: the checkpoint's stored {key}" if stored else f"model.{key} {source!r}"
+            raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())[:500]})") from None
+        if not stored:
+            _check_revision(config, key, getattr(model.config, "_commit_hash", None))
+    if name == "text" and attn == "sdpa":
+        model.set_attn_implementation(attention_with_contiguous_value())
+    return model
+
+
+def _check_revision(config: PhiClipConfig, key: str, revision: str | None) -> None:
+    recorded = config.revisions.get(key)
+    if revision and recorded and revision != recorded:
+        logger.warning(
+            "%s is now revision %s, but this checkpoint was trained on revision %s: outputs may differ "
+            "(download that revision and load it by path to reproduce exactly)",
+            getattr(config, key),
+            revision[:12],
+            recorded[:12],
+        )
+    if revision:
+        config.revisions[key] = revision
+
+
+def attention_with_contiguous_value() -> str:
+    """Register (once) SDPA attention that is handed a contiguous copy of `value`; returns its name.
+
+    Phi-3 slices q, k and v out of one fused qkv_proj output. RoPE turns q and k into new tensors, but v stays a
+    view, so the v that SDPA saves for backward pins the whole fused output (3 hidden-size values per token and
+    layer instead of 1). transformers has no switch for this, so it is written here; outputs are bit-identical.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if CONTIGUOUS_VALUE_SDPA not in AttentionInterface._global_mapping:
+
+        def attention(module, query, key, value, *args, **kwargs):
+            return sdpa_attention_forward(module, query, key, value.contiguous(), *args, **kwargs)
+
+        AttentionInterface.register(CONTIGUOUS_VALUE_SDPA, attention)
+        AttentionMaskInterface.register(CONTIGUOUS_VALUE_SDPA, sdpa_mask)
+    return CONTIGUOUS_VALUE_SDPA
