@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output or Path(args.checkpoint).expanduser() / f"captions_{args.split}.json")
     output.write_text(json.dumps(results, indent=1) + "\n")
     metrics["results_file"] = str(output)
+    # Kept beside the model too: export.py's model card quotes the figures.
+    checkpoint = Path(args.checkpoint).expanduser()
+    (checkpoint / f"metrics_{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
 

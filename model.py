@@ -491,7 +491,7 @@ def _check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:
 @torch.no_grad()
 def generate(
     model: PhiClipMLLM,
-    prompts: str | list[str],
+    prompts: str | list[str] | list[list[dict]],
     images: Any = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -506,10 +506,16 @@ def generate(
 
     `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
     `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
+    A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
     """
     was_training = model.training
     model.eval()
-    batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
+    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
+        batch = model.processor(
+            conversations=list(prompts), images=images, padding_side="left", add_generation_prompt=True
+        )
+    else:
+        batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
     device = model.text_model.get_input_embeddings().weight.device
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     pixel_values = batch.get("pixel_values")

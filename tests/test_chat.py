@@ -1,0 +1,170 @@
+"""chat.py driven through stdin, its streamer, and demo.py driven through gradio_client: replies equal generate()."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, random_image
+
+from chat import Conversation, StreamedReply, sampling_options
+from model import IMAGE_TOKEN, generate
+
+COMMANDS = ("export.py", "chat.py", "demo.py")
+
+
+def test_streamed_pieces_join_to_exactly_the_reply(make_model):
+    model = make_model()
+    for seed in range(4):  # a random model's bytes often end mid-character: the streamer must hold those back
+        conversation = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
+        reply = StreamedReply(model, conversation, [random_image(seed)], max_new_tokens=12)
+        pieces = list(reply)
+        assert "".join(pieces) == reply.text == generate(model, [conversation], [[random_image(seed)]], 12)[0]
+        assert len(pieces) > 1
+
+
+def test_conversation_is_kept_in_the_training_format():
+    conversation, first, second = Conversation(), object(), object()
+    conversation.attach(first)
+    conversation.ask("Describe this image.")
+    conversation.answer("a red circle")
+    conversation.ask("And its colour?")
+    conversation.answer("red")
+    conversation.attach(second)
+    conversation.ask("And this one?")
+    assert conversation.turns == [
+        {"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"},
+        {"role": "assistant", "content": "a red circle"},
+        {"role": "user", "content": "And its colour?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": f"And this one? {IMAGE_TOKEN}"},
+    ]
+    assert conversation.images == [first, second]
+    conversation.undo_ask()
+    assert len(conversation.turns) == 4 and conversation.images == [first] and conversation.pending_image is second
+    conversation.reset()
+    assert conversation.turns == [] and conversation.images == [] and conversation.pending_image is second
+    assert sampling_options(0.0, 0.5, 9) == {"max_new_tokens": 9}
+    assert sampling_options(0.7, 0.9, 9) == {"max_new_tokens": 9, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
+def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    paths = {}
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        paths[name] = tmp_path / f"{name}.png"
+        random_image(seed).save(paths[name])
+    typed = [
+        "Describe this image.",
+        "And its colour?",
+        f"/image {paths['b']}",
+        f"/image {paths['c']}",  # before sending: switches the attached image
+        "What about this one?",
+        "/reset",  # the last image stays attached
+        "Hello again",
+    ]
+    command = [sys.executable, "chat.py", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(paths["a"])]
+    command += ["--max_new_tokens", "8"]
+    result = subprocess.run(
+        command, cwd=ROOT, input="\n".join(typed) + "\n", capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def ask(turns, images):
+        return generate(model, [turns], [[random_image(seed) for seed in images]], max_new_tokens=8)[0]
+
+    turns = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
+    first = ask(turns, [0])
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "And its colour?"}]
+    second = ask(turns, [0])
+    turns += [
+        {"role": "assistant", "content": second},
+        {"role": "user", "content": f"What about this one? {IMAGE_TOKEN}"},
+    ]
+    third = ask(turns, [0, 2])
+    fourth = ask([{"role": "user", "content": f"Hello again {IMAGE_TOKEN}"}], [2])
+    assert result.stdout == "".join(f"{reply}\n" for reply in (first, second, third, fourth))
+    assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_answers_without_importing_torch(command):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert imported and not {"torch", "transformers", "numpy", "gradio"} & imported
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["chat.py", "--checkpoint", "nowhere"], "--checkpoint nowhere: no such directory"),
+        (["chat.py", "--checkpoint", "CKPT", "--image", "missing.png"], "--image missing.png: no such file"),
+        (["chat.py", "--checkpoint", "CKPT", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+        (["chat.py", "--checkpoint", "CKPT", "--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["demo.py", "--checkpoint", "CKPT", "--port", "70000"], "--port must be in 1..65535"),
+        (["demo.py", "--checkpoint", "CKPT", "--example", "missing.png"], "--example missing.png: no such file"),
+        (["export.py", "--checkpoint", "nowhere", "--out", "x"], "--checkpoint nowhere: no such directory"),
+        (["export.py", "--checkpoint", "CKPT", "--out", "x"], "not a PhiClipMLLM checkpoint"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, argv, expected):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")  # never read: every case fails before loading
+    argv = [str(tmp_path / "ckpt") if arg == "CKPT" else arg for arg in argv]
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_demo_page_answers_as_generate_through_gradio_client(make_model, tmp_path):
+    pytest.importorskip("gradio", reason="demo.py needs pip install -e '.[demo]'")
+    client_module = pytest.importorskip("gradio_client")
+    from test_serve import free_port, wait_until_serving
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    image_path = tmp_path / "photo.png"
+    random_image(3).save(image_path)
+    port = free_port()
+    command = [sys.executable, "demo.py", "--checkpoint", str(tmp_path / "ckpt"), "--port", str(port)]
+    command += ["--example", str(image_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        wait_until_serving(server, f"http://127.0.0.1:{port}/")
+        client = client_module.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        image = client_module.handle_file(str(image_path))
+        messages, _ = client.predict("Describe this image.", image, 0.0, 1.0, 8, api_name="/answer")
+        messages, _ = client.predict("And its colour?", image, 0.0, 1.0, 8, api_name="/answer")  # same image
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=20)
+    turns = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
+    first = generate(model, [turns], [[random_image(3)]], max_new_tokens=8)[0]
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "And its colour?"}]
+    second = generate(model, [turns], [[random_image(3)]], max_new_tokens=8)[0]
+    texts = [
+        (message["role"], part.get("text"))
+        for message in messages
+        for part in message["content"]
+        if part.get("type") == "text"
+    ]
+    assert texts == [
+        ("user", "Describe this image."),
+        ("assistant", first),
+        ("user", "And its colour?"),
+        ("assistant", second),
+    ]
+    assert messages[0]["content"][0]["type"] == "file"  # the image shown in the conversation
