@@ -34,6 +34,7 @@ are separate processes, so ``dataset.bad_image_count()`` only sees loads done in
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import logging
@@ -349,7 +350,7 @@ class ConversationDataset(Dataset):
         seed: int = 0,
         on_bad_image: str = "skip",
         on_bad_record: str = "skip",
-        source: str | os.PathLike | None = None,
+        source: str | os.PathLike | list[tuple[int, str]] | None = None,
     ) -> None:
         for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
             if policy not in POLICIES:
@@ -359,7 +360,8 @@ class ConversationDataset(Dataset):
         self.records = list(records)
         self.seed = seed
         self.on_bad_image, self.on_bad_record = on_bad_image, on_bad_record
-        self.source = str(source) if source is not None else "data"
+        # (first index, file) of each source, for naming a record's file: one file, or several after make_dataset
+        self.sources = source if isinstance(source, list) else [(0, str(source) if source is not None else "data")]
         self.epoch = 0
         self.processor = None
         self._bad_count = 0
@@ -377,10 +379,16 @@ class ConversationDataset(Dataset):
         self.processor = processor
         return self
 
-    def head(self, count: int) -> ConversationDataset:
-        """The same dataset (settings, attached processor) over its first `count` records."""
+    def source_of(self, index: int) -> str:
+        """The file record `index` was read from."""
+        starts = [start for start, _ in self.sources]
+        return self.sources[bisect.bisect_right(starts, index % len(self)) - 1][1]
+
+    def subset(self, indices: Sequence[int]) -> ConversationDataset:
+        """The same dataset (settings, attached processor) over the records at `indices`, in that order."""
         subset = copy.copy(self)
-        subset.records = self.records[:count]
+        subset.records = [self.records[i] for i in indices]
+        subset.sources = [(position, self.source_of(i)) for position, i in enumerate(indices)] or self.sources[:1]
         return subset
 
     def bad_image_count(self) -> int:
@@ -411,7 +419,7 @@ class ConversationDataset(Dataset):
                 if self.processor is not None:
                     self.processor.check(sample["conversation"], len(sample["images"]))
             except ValueError as error:
-                problem = BadRecordError(f"{self.source}: record {sample['id']!r}: {error}")
+                problem = BadRecordError(f"{self.source_of(index + attempt)}: record {sample['id']!r}: {error}")
                 if self.on_bad_record == "error":
                     raise problem from None
                 counts["num_bad_records"] += 1
@@ -447,9 +455,28 @@ _COMMON_KEYS = {"format", "on_bad_image", "on_bad_record", "max_samples"}
 
 
 def make_dataset(
-    config: Mapping[str, Any], *, seed: int = 0, base_dir: str | os.PathLike | None = None
+    config: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, seed: int = 0, base_dir: str | os.PathLike | None = None
 ) -> ConversationDataset:
-    """Build a ConversationDataset from a config dict (keys in the module docstring)."""
+    """Build a ConversationDataset from a config dict (keys in the module docstring), or from a list of them: one
+    dataset over all their records, in order (e.g. COCO captions and LLaVA conversations). The sources of a list
+    share the split's on_bad_image / on_bad_record policies."""
+    if isinstance(config, Sequence) and not isinstance(config, (str, bytes)):
+        if not config:
+            raise ValueError("an empty list of data sources")
+        parts = [make_dataset(source, seed=seed, base_dir=base_dir) for source in config]
+        policies = {(part.on_bad_image, part.on_bad_record) for part in parts}
+        if len(policies) > 1:
+            raise ValueError(f"the sources of one split must share on_bad_image and on_bad_record, got {policies}")
+        records, sources = [], []
+        for part in parts:
+            sources += [(len(records) + start, name) for start, name in part.sources]
+            records += part.records
+        ((on_bad_image, on_bad_record),) = policies
+        return ConversationDataset(
+            records, seed=seed, on_bad_image=on_bad_image, on_bad_record=on_bad_record, source=sources
+        )
+    if not isinstance(config, Mapping):
+        raise ValueError(f"a data source is a mapping with a 'format' key, got {config!r}")
     kind = config.get("format")
     if kind not in _CONFIG_KEYS:
         raise ValueError(f"dataset format must be one of {sorted(_CONFIG_KEYS)}, got {kind!r}")
