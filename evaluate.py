@@ -103,7 +103,7 @@ def validation_loss(
 ) -> dict[str, float]:
     """Mean loss per supervised token over the split (token-weighted, not batch-averaged), and its perplexity."""
     if limit is not None:
-        dataset = dataset.head(limit)
+        dataset = dataset.subset(range(min(limit, len(dataset))))
     loader = make_dataloader(
         dataset, Collator(model.processor), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
