@@ -188,14 +188,19 @@ def bench_data(processor, workers=(0, 2), samples: int = 96, batch_size: int = 8
         return {"skipped": f"{coco} not present"}
     from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
 
-    logging.getLogger("dataset").setLevel(logging.ERROR)  # the annotation file names 5000 images; 12 ship
     config = {
         "format": "coco",
         "annotation_file": str(coco / "annotations" / "captions_val2017.json"),
         "image_directory": str(coco / "images" / "val2017"),
         "captions_per_image": "all",
     }
-    records = make_dataset(config).records
+    dataset_log = logging.getLogger("dataset")
+    level = dataset_log.level
+    dataset_log.setLevel(logging.ERROR)  # the annotation file names 5000 images; 12 ship: not news here
+    try:
+        records = make_dataset(config).records
+    finally:
+        dataset_log.setLevel(level)  # a caller's own dataset warnings stay visible
     dataset = ConversationDataset((records * (samples // len(records) + 1))[:samples])
     result = {"images": len({r.images for r in records}), "samples": samples, "batch_size": batch_size}
     for n in workers:
