@@ -200,7 +200,7 @@ SCHEMA: dict[str, Any] = {
                    "loaded_lora": ((str,), "continue")},
     "phase_one": {"annotation_file": ((str,), REQUIRED), "image_directory": ((str,), REQUIRED)},
     "phase_two": {"directory": ((str,), REQUIRED)},
-    "data": {"train": ((dict, NONE), None), "val": ((dict, NONE), None), "num_workers": ((int,), 2),
+    "data": {"train": ((dict, list, NONE), None), "val": ((dict, list, NONE), None), "num_workers": ((int,), 2),
              "on_bad_image": ((str,), "skip"), "on_bad_record": ((str,), "skip"), "eval_captions": ((int,), 4)},
     "training_args": {
         "num_train_epochs": ((float,), 1.0), "max_steps": ((int,), -1), "learning_rate": ((float,), 1e-4),
@@ -213,7 +213,7 @@ SCHEMA: dict[str, Any] = {
     },
     "peft_text": ((dict, NONE), None), "peft_vision": ((dict, NONE), None),
     "text_warmup": {"steps": ((int,), 0), "learning_rate": ((float,), 1e-3), "batch_size": ((int,), 32),
-                    "describe": ((bool,), True)},
+                    "describe": ((bool,), True), "data": ((dict, list, NONE), None)},
 }
 # fmt: on
 OPTIONAL_SECTIONS = {"phase_one", "phase_two"}  # the original project's data sections
@@ -307,10 +307,11 @@ def _expand_paths(config: dict) -> None:
     for section in ("phase_one", "phase_two"):
         for key, value in (config[section] or {}).items():
             config[section][key] = expand_path(value)
-    for split in ("train", "val"):
-        for key, value in (config["data"][split] or {}).items():
-            if key in DATA_PATH_KEYS and isinstance(value, str):
-                config["data"][split][key] = expand_path(value)
+    for split in (config["data"]["train"], config["data"]["val"], config["text_warmup"]["data"]):
+        for source in data_sources(split):
+            for key, value in source.items() if isinstance(source, dict) else ():
+                if key in DATA_PATH_KEYS and isinstance(value, str):
+                    source[key] = expand_path(value)
     for key in ("text_model", "vision_model", "tokenizer"):
         value = (config["model"] or {}).get(key)
         if isinstance(value, str):
@@ -379,10 +380,13 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     policies = ("skip", "error")
     for key in ("on_bad_image", "on_bad_record"):
         require(data[key] in policies, f"data.{key} must be one of {policies}, got {data[key]!r}")
-    for split in ("train", "val"):  # data.on_bad_* are the defaults of both splits; a split may set its own
-        if data[split] is not None:
-            data[split].setdefault("on_bad_image", data["on_bad_image"])
-            data[split].setdefault("on_bad_record", data["on_bad_record"])
+    sources = {"data.train": data["train"], "data.val": data["val"], "text_warmup.data": config["text_warmup"]["data"]}
+    for name, split in sources.items():  # data.on_bad_* are the defaults of every split
+        require(split != [], f"{name}: an empty list of data sources")
+        for source in data_sources(split):
+            require(isinstance(source, dict), f"{name}: a data source is a mapping with a format, got {source!r}")
+            source.setdefault("on_bad_image", data["on_bad_image"])
+            source.setdefault("on_bad_record", data["on_bad_record"])
     loaded_lora = ("continue", "merge")
     require(
         ckpt["loaded_lora"] in loaded_lora,
@@ -418,11 +422,19 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         and (v.startswith((".", "/", "~")) or v.count("/") > 1)
     ]
     for split in splits:
-        paths += [(f"data.{split}.{k}", str(v)) for k, v in (data[split] or {}).items() if k in DATA_PATH_KEYS]
+        for source in data_sources(data[split]):
+            paths += [(f"data.{split}.{k}", str(v)) for k, v in source.items() if k in DATA_PATH_KEYS]
+    for source in data_sources(config["text_warmup"]["data"]) if phase == "one" else ():
+        paths += [(f"text_warmup.data.{k}", str(v)) for k, v in source.items() if k in DATA_PATH_KEYS]
     for name, value in paths if check_paths else ():
         require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
     if check_paths:  # a dry run plans on any machine
         _check_bitsandbytes_needs(config, path, phase)
+
+
+def data_sources(split: dict | list | None) -> list:
+    """A data split's sources: one mapping, or a list of them (mixed into one dataset)."""
+    return [] if split is None else split if isinstance(split, list) else [split]
 
 
 def _check_feature_layer(model: PhiClipConfig, require) -> None:

@@ -2,8 +2,9 @@
 
     python evaluate.py --checkpoint DIR --config CFG [--split val] [--limit N] [--batch_size B] [--output FILE]
 
-Prints one JSON object (val_loss, perplexity, exact_match, bleu4, cider, counts) and writes the generated captions
-in COCO results format (``[{"image_id": ..., "caption": ...}]``).
+Prints one JSON object: val_loss and perplexity; for captioned images exact_match, bleu4 and cider; for
+conversations (LLaVA format) answer_accuracy, the exact match of each answered turn given the turns before it. Writes
+the generated captions in COCO results format (``[{"image_id": ..., "caption": ...}]``) and the answers beside them.
 """
 
 from __future__ import annotations
@@ -21,10 +22,16 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (train.py's output)")
     parser.add_argument("--config", required=True, help="the training YAML whose data section names the split")
     parser.add_argument("--split", default="val", choices=["val", "train"])
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate the first N captioned images and N conversations only"
+    )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--output", default=None, help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json; answers go to answers_SPLIT.json)",
+    )
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     return parser
 
@@ -120,17 +127,57 @@ def validation_loss(
 
 
 def caption_split(dataset: ConversationDataset, limit: int | None = None) -> tuple[list, dict, dict]:
-    """One (id, prompt, image) per distinct image, and every reference answer per id."""
+    """One (id, prompt, image) per distinct captioned image (the first `limit`), and every reference per id."""
     references: dict[Any, list[str]] = defaultdict(list)
     queries: dict[Any, tuple[str, list]] = {}
     for index, record in enumerate(dataset.records):
+        if record.conversation:
+            continue
         sample = dataset.sample(index, epoch=0)
-        turns = sample["conversation"]
-        references[record.id].extend(record.captions or [turns[1]["content"]])
+        references[record.id].extend(record.captions)
         if record.id not in queries:
-            queries[record.id] = (turns[0]["content"], sample["images"])
+            queries[record.id] = (sample["conversation"][0]["content"], sample["images"])
     ids = list(queries)[:limit]
     return ids, {k: queries[k] for k in ids}, {k: references[k] for k in ids}
+
+
+def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> list[dict]:
+    """Every answer of the first `limit` conversations, with the conversation before it (earlier answers as given)."""
+    turns = []
+    conversations = [index for index, record in enumerate(dataset.records) if record.conversation][:limit]
+    for index in conversations:
+        sample = dataset.sample(index, epoch=0)
+        history = sample["conversation"]
+        for position, turn in enumerate(history):
+            if turn["role"] == "assistant":
+                turns.append(
+                    {"id": sample["id"], "turn": position, "history": history[:position], "images": sample["images"]}
+                )
+                turns[-1]["reference"] = turn["content"]
+    return turns
+
+
+def answer_accuracy(
+    model: PhiClipMLLM, turns: list[dict], batch_size: int = 16, max_new_tokens: int = 32
+) -> tuple[dict, list[dict]]:
+    """Greedy answers scored by exact match (normalize_caption) per answered turn; returns (metrics, answers)."""
+    answers = []
+    for start in tqdm(range(0, len(turns), batch_size), desc="answers", leave=False, disable=None):
+        chunk = turns[start : start + batch_size]
+        replies = generate(model, [t["history"] for t in chunk], [t["images"] for t in chunk], max_new_tokens)
+        for turn, reply in zip(chunk, replies):
+            answers.append(
+                {
+                    "id": turn["id"],
+                    "turn": turn["turn"],
+                    "question": turn["history"][-1]["content"],
+                    "answer": reply,
+                    "reference": turn["reference"],
+                    "correct": normalize_caption(reply) == normalize_caption(turn["reference"]),
+                }
+            )
+    correct = sum(answer["correct"] for answer in answers)
+    return {"answer_accuracy": correct / max(len(answers), 1), "answered_turns": len(answers)}, answers
 
 
 def evaluate(
@@ -140,18 +187,28 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 32,
     num_workers: int = 0,
-) -> tuple[dict, list[dict]]:
-    """Loss over the split and greedy-caption scores; returns (metrics, COCO-format results)."""
+) -> tuple[dict, dict[str, list[dict]]]:
+    """Loss and perplexity over the split; greedy-caption scores over its captioned images and answer accuracy
+    over its conversations (the first `limit` of each). Returns (metrics, {"captions": COCO-format results,
+    "answers": each answered turn's reply and reference})."""
+    captioned = [i for i, record in enumerate(dataset.records) if not record.conversation]
+    talks = [i for i, record in enumerate(dataset.records) if record.conversation]
+    metrics = validation_loss(model, dataset.subset(captioned[:limit] + talks[:limit]), batch_size, num_workers)
+    results: dict[str, list[dict]] = {"captions": [], "answers": []}
     ids, queries, references = caption_split(dataset, limit)
-    predictions = {}
-    for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):
-        chunk = ids[start : start + batch_size]
-        texts = generate(model, [queries[k][0] for k in chunk], [queries[k][1] for k in chunk], max_new_tokens)
-        predictions.update(zip(chunk, texts))
-    metrics = validation_loss(model, dataset, batch_size, num_workers, limit)
-    metrics.update(caption_scores(predictions, references))
-    metrics["images"] = len(ids)
-    return metrics, [{"image_id": k, "caption": predictions[k]} for k in ids]
+    if ids:
+        predictions = {}
+        for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):
+            chunk = ids[start : start + batch_size]
+            texts = generate(model, [queries[k][0] for k in chunk], [queries[k][1] for k in chunk], max_new_tokens)
+            predictions.update(zip(chunk, texts))
+        metrics.update(caption_scores(predictions, references))
+        metrics["images"] = len(ids)
+        results["captions"] = [{"image_id": k, "caption": predictions[k]} for k in ids]
+    if talks:
+        scores, results["answers"] = answer_accuracy(model, answered_turns(dataset, limit), batch_size, max_new_tokens)
+        metrics.update(scores)
+    return metrics, results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,11 +230,16 @@ def main(argv: list[str] | None = None) -> None:
     metrics, results = evaluate(
         model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
     )
-    output = Path(args.output or Path(args.checkpoint).expanduser() / f"captions_{args.split}.json")
-    output.write_text(json.dumps(results, indent=1) + "\n")
-    metrics["results_file"] = str(output)
-    # Kept beside the model too: export.py's model card quotes the figures.
     checkpoint = Path(args.checkpoint).expanduser()
+    if results["captions"]:
+        output = Path(args.output or checkpoint / f"captions_{args.split}.json")
+        output.write_text(json.dumps(results["captions"], indent=1) + "\n")
+        metrics["results_file"] = str(output)
+    if results["answers"]:
+        answers = checkpoint / f"answers_{args.split}.json"
+        answers.write_text(json.dumps(results["answers"], indent=1) + "\n")
+        metrics["answers_file"] = str(answers)
+    # Kept beside the model too: export.py's model card quotes the figures.
     (checkpoint / f"metrics_{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 

@@ -327,23 +327,33 @@ def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArg
 
 
 def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
-    """Train the LM alone on the training captions, each image described in words instead of shown.
+    """Train the LM alone on text: the training samples with each image described in words instead of shown.
 
     A stand-in for the pre-training a real Phi-3 brings (the tiny demo's LM is random): it learns the caption
-    language and to say what its prompt describes. It never sees an image; the adapter still has to learn to
-    turn pixels into something the LM reads. Samples: "<instruction> <caption>" -> "<caption>", or with
-    `describe: false` "<instruction>" -> "<caption>" (caption texts only: the LM learns no use of its context,
-    and in the demo phase one then reaches 15% exact match instead of 82%, phase two 54% instead of 97%).
+    language, to say what its prompt describes and to answer questions about a described scene. It never sees an
+    image; the adapter still has to learn to turn pixels into something the LM reads. A caption sample
+    "<instruction> <image>" -> "<caption>" becomes "<instruction> <caption>" -> "<caption>"; in a conversation
+    (`text_warmup.data` may add LLaVA-format ones) the image becomes its caption from the same data. With
+    `describe: false` the image is dropped instead (the LM learns no use of its context, and in the demo phase one
+    then reaches 15% exact match instead of 82%, phase two 54% instead of 97%: measured before conversations).
     """
-
-    def described(sample: dict) -> dict:
-        question, answer = sample["conversation"][0], sample["conversation"][-1]
-        words = answer["content"] if config["text_warmup"]["describe"] else ""
-        prompt = question["content"].replace(IMAGE_TOKEN, words).strip()
-        return {"conversation": [{"role": "user", "content": prompt}, answer], "images": []}
-
-    settings, samples = config["text_warmup"], [described(train_set.sample(i, epoch=0)) for i in range(len(train_set))]
-    logger.info("text warm-up: %d steps on %d captions, each image described in words", settings["steps"], len(samples))
+    settings = config["text_warmup"]
+    data = make_dataset(settings["data"], seed=config["seed"]) if settings["data"] else train_set
+    described = {record.images[0]: record.captions[0] for record in data.records if record.captions and record.images}
+    samples = []
+    for index in range(len(data)):
+        sample = data.sample(index, epoch=0)
+        turns = [dict(turn) for turn in sample["conversation"]]
+        if sample["images"] and settings["describe"]:
+            words = turns[-1]["content"] if data.records[index].captions else described.get(sample["images"][0])
+            if words is None:
+                continue  # a conversation about an image no caption describes
+        elif sample["images"]:
+            words = ""
+        for turn in turns if sample["images"] else ():
+            turn["content"] = " ".join(turn["content"].replace(IMAGE_TOKEN, words).split())
+        samples.append({"conversation": turns, "images": []})
+    logger.info("text warm-up: %d steps on %d samples, each image described in words", settings["steps"], len(samples))
     model.requires_grad_(False)
     model.text_model.requires_grad_(True)
     args = _training_arguments(
@@ -496,16 +506,20 @@ def _alive(pid: Any) -> bool:
 
 # --------------------------------------------------------------------------------------------------------- demo
 def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
-    """make-demo (if absent), phase one (tiny.yaml), phase two (tiny_p2.yaml); greedy exact match after each."""
-    from evaluate import evaluate
-    from shapes import make_demo
+    """make-demo (if absent), phase one (tiny.yaml: captions), phase two (tiny_p2.yaml: captions + conversations).
+
+    On held-out images: greedy caption exact match after each phase, and answer accuracy (each answered turn of a
+    conversation, given the turns before it) after phase two, each beside its chance level.
+    """
+    from evaluate import answered_turns, evaluate
+    from shapes import demo_captions, demo_chance, make_demo
 
     # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
     torch.set_num_threads(1)
     root = Path(__file__).resolve().parent
     os.chdir(root)  # the tiny configs' paths are relative to the repository root
     figures, started = {}, time.time()
-    if not Path("data/demo/captions_val.json").is_file():
+    if not Path("data/demo/conversations_val.json").is_file():
         make_demo("data/demo")
     figures["make-demo s"] = time.time() - started
     for phase, name in (("one", "tiny.yaml"), ("two", "tiny_p2.yaml")):
@@ -516,11 +530,17 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
         figures[f"phase {phase} train s"] = time.time() - start
         val, start = make_dataset(config["data"]["val"], seed=config["seed"]), time.time()
         metrics = evaluate(model, val, batch_size=100, max_new_tokens=16)[0]
-        figures[f"phase {phase} exact match"] = metrics["exact_match"]
+        figures[f"phase {phase} caption exact match"] = metrics["exact_match"]
+        if "answer_accuracy" in metrics:
+            figures[f"phase {phase} answer accuracy"] = metrics["answer_accuracy"]
         figures[f"phase {phase} eval s"] = time.time() - start
-    figures["chance"] = 1 / len({caption for record in val.records for caption in record.captions})
-    figures["val images"], figures["total s"] = len(val), time.time() - started
-    print("demo: " + ", ".join(f"{k} {v:.3f}" if v < 1 else f"{k} {v:.0f}" for k, v in figures.items()))
+    turns = answered_turns(val)
+    figures["caption chance"] = 1 / len(demo_captions())
+    figures["answer chance"] = sum(demo_chance(turn["history"][-1]["content"]) for turn in turns) / len(turns)
+    figures["val images"] = sum(not record.conversation for record in val.records)
+    figures["val answers"], figures["total s"] = len(turns), time.time() - started
+    whole = (" s", "images", "answers")  # seconds and counts; the rest are rates
+    print("demo: " + ", ".join(f"{k} {v:.0f}" if k.endswith(whole) else f"{k} {v:.3f}" for k, v in figures.items()))
     return figures
 
 

@@ -62,7 +62,7 @@ def tiny_processor(make_model):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    shapes.make_demo(out, n=340, seed=0)
+    shapes.make_demo(out, n=340, seed=0, conversations=240)
     return out
 
 
@@ -448,20 +448,20 @@ def test_one_caption_per_image_varies_across_epochs():
 
 
 def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
-    shapes.main(["--out", str(tmp_path / "same"), "--n", "340", "--seed", "0"])
-    assert "chance level 1/20" in capsys.readouterr().out
-    shapes.make_demo(tmp_path / "other", n=340, seed=1)
-    for name in ("captions_train.json", "captions_val.json"):
+    shapes.main(["--out", str(tmp_path / "same"), "--n", "340", "--conversations", "240", "--seed", "0"])
+    assert "chance level 1/40" in capsys.readouterr().out
+    shapes.make_demo(tmp_path / "other", n=340, seed=1, conversations=240)
+    for name in ("captions_train.json", "captions_val.json", "conversations_train.json", "conversations_val.json"):
         assert (demo_dir / name).read_bytes() == (tmp_path / "same" / name).read_bytes()
         assert (demo_dir / name).read_bytes() != (tmp_path / "other" / name).read_bytes()
     images = sorted(p.name for p in (demo_dir / "images").iterdir())
-    assert len(images) == 340
+    assert len(images) == 340  # the conversations are about the captioned images
     assert all(
         (demo_dir / "images" / n).read_bytes() == (tmp_path / "same" / "images" / n).read_bytes() for n in images
     )
 
     captions = shapes.demo_captions()
-    assert len(set(captions)) == 20
+    assert len(set(captions)) == 40
     for name, size in (("captions_val.json", 300), ("captions_train.json", 40)):
         data = json.loads((demo_dir / name).read_text())
         counts = Counter(a["caption"] for a in data["annotations"])
@@ -472,12 +472,15 @@ def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
 def test_demo_images_show_their_caption(demo_dir):
     data = json.loads((demo_dir / "captions_val.json").read_text())
     for image, annotation in list(zip(data["images"], data["annotations"]))[:60]:
-        _, colour, shape = annotation["caption"].split()
-        pixels = np.asarray(Image.open(demo_dir / "images" / image["file_name"]).convert("RGB")).reshape(-1, 3)
+        _, colour, shape, _, _, side = annotation["caption"].split()
+        image_pixels = np.asarray(Image.open(demo_dir / "images" / image["file_name"]).convert("RGB"))
+        pixels = image_pixels.reshape(-1, 3)
         colours, counts = np.unique(pixels, axis=0, return_counts=True)
         shape_colour = tuple(colours[np.argsort(counts)[-2]])  # the background is the most common colour
         assert shape_colour == shapes.DEMO_COLOURS[colour], annotation
         assert counts[np.argsort(counts)[-2]] > 0.1 * len(pixels)
+        columns = np.nonzero((image_pixels == shape_colour).all(axis=-1))[1]
+        assert (columns.mean() < image_pixels.shape[1] / 2) == (side == "left"), annotation
 
 
 def test_demo_tokenizer_is_loadable_and_short(demo_dir):
@@ -485,7 +488,9 @@ def test_demo_tokenizer_is_loadable_and_short(demo_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(str(demo_dir / "tokenizer"))
     assert all(t in tokenizer.get_vocab() for t in D.PHI3_SPECIAL_TOKENS)
-    assert max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in shapes.demo_captions()) <= 4
+    assert (
+        max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in shapes.demo_captions()) <= 6
+    )  # one token per word
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -519,3 +524,39 @@ def test_dataloader_workers_match_single_process(demo_dir, make_model):
     for a, b in zip(serial, parallel):
         assert a.keys() == b.keys() and {"input_ids", "labels", "pixel_values", "num_bad_images"} <= set(a)
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_demo_conversations_round_trip_through_the_llava_reader(tmp_path, tiny_processor):
+    shapes.make_demo(tmp_path, n=340, seed=0, conversations=240)
+    images = tmp_path / "images"
+    train = D.read_llava(tmp_path / "conversations_train.json", images)
+    val = D.read_llava(tmp_path / "conversations_val.json", images)
+    assert (len(train), len(val)) == (40, 200)  # every conversation kept: none is malformed
+    text_only = [record for record in train if not record.images]
+    assert len(text_only) == 4 and all(D.IMAGE_TOKEN not in str(record.conversation) for record in text_only)
+    starts = ends = 0
+    for record in train + val:
+        if record.images:
+            first = record.conversation[0][1]
+            starts, ends = starts + first.startswith(D.IMAGE_TOKEN), ends + first.endswith(D.IMAGE_TOKEN)
+            assert first.count(D.IMAGE_TOKEN) == 1 and D.IMAGE_TOKEN not in str(record.conversation[1:])
+            assert Image.open(record.images[0]).size == (64, 64)
+    assert starts and ends  # <image> before and after the first question both occur
+    facts = {kind: answers for kind, (_, answers) in shapes.DEMO_QUESTIONS.items()}
+    for record in val:  # held out: colour, shape and side, each asked once, answered with one of its answers
+        asked = {
+            kind
+            for kind, (phrasings, _) in shapes.DEMO_QUESTIONS.items()
+            for role, text in record.conversation
+            if role == "user" and any(p in text for p in phrasings)
+        }
+        assert asked == set(facts)
+        answers = [text for role, text in record.conversation if role == "assistant"]
+        assert all(any(a in choices for choices in facts.values()) for a in answers)
+    dataset = D.ConversationDataset(train[:12])
+    samples = [dataset[i] for i in range(len(dataset))]
+    batch = D.Collator(tiny_processor)(samples)
+    for row, sample in enumerate(samples):
+        expected = [turn["content"] + "<|end|>" for turn in sample["conversation"] if turn["role"] == "assistant"]
+        decoded = [tiny_processor.tokenizer.decode(segment) for segment in supervised_segments(batch["labels"][row])]
+        assert decoded == expected

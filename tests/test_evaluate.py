@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import yaml
 from conftest import random_image
 
 import generate as generate_cli
 from dataset import make_dataset
 from evaluate import caption_scores, evaluate, normalize_caption
-from model import PhiClipMLLM
+from model import PhiClipMLLM, generate
 from shapes import make_demo
 
 
@@ -27,21 +29,59 @@ def test_caption_scores_perfect_partial_and_wrong():
     assert half["exact_match"] == 0.5 and half["bleu4"] < perfect["bleu4"] and half["cider"] < perfect["cider"]
 
 
-def test_evaluate_on_demo_split(make_model, tmp_path):
-    make_demo(tmp_path / "demo", n=320, seed=1)
+def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):
+    make_demo(tmp_path / "demo", n=360, seed=1, conversations=210)
+    images = str(tmp_path / "demo" / "images")
     dataset = make_dataset(
-        {
-            "format": "coco",
-            "annotation_file": str(tmp_path / "demo" / "captions_val.json"),
-            "image_directory": str(tmp_path / "demo" / "images"),
-        }
+        [
+            {
+                "format": "coco",
+                "annotation_file": str(tmp_path / "demo" / "captions_val.json"),
+                "image_directory": images,
+            },
+            {
+                "format": "llava",
+                "annotation_file": str(tmp_path / "demo" / "conversations_val.json"),
+                "image_directory": images,
+            },
+        ]
     )
     model = make_model()
     metrics, results = evaluate(model, dataset, limit=8, batch_size=4, max_new_tokens=4)
-    assert metrics["images"] == 8 and len(results) == 8
-    assert {"image_id", "caption"} <= set(results[0])
+    assert metrics["images"] == 8 and len(results["captions"]) == 8
+    assert {"image_id", "caption"} <= set(results["captions"][0])
+    assert metrics["answered_turns"] == 24 == len(results["answers"])  # 8 conversations x 3 questions
+    assert {"question", "answer", "reference", "correct"} <= set(results["answers"][0])
     assert math.isclose(metrics["perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
-    assert 0.0 <= metrics["exact_match"] <= 1.0
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["answer_accuracy"] <= 1.0
+
+
+def test_evaluate_cli_reports_answer_accuracy_per_turn_on_a_llava_file(make_model, tmp_path, capsys):
+    import evaluate as evaluate_cli
+
+    model = make_model()
+    questions = ["Which colour is it?", "What shape is it?", "Say hello.", "Which side is it on?"]
+    replies = generate(model, [[{"role": "user", "content": q}] for q in questions], None, max_new_tokens=3)
+    entries = []
+    for i, (question, reply) in enumerate(zip(questions, replies)):
+        reference = f" {reply.upper()}!" if i % 2 == 0 else reply + " no"  # equal once normalised / not equal
+        conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": reference}]
+        entries.append({"id": i, "conversations": conversation})
+    (tmp_path / "talk.json").write_text(json.dumps(entries))
+    config = {
+        "checkpoint": {"output_dir": str(tmp_path / "unused")},
+        "data": {"val": {"format": "llava", "annotation_file": str(tmp_path / "talk.json")}, "num_workers": 0},
+    }
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    checkpoint = model.save_pretrained(tmp_path / "model")
+    arguments = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "eval.yaml"), "--max_new_tokens", "3"]
+    evaluate_cli.main([*arguments, "--batch_size", "3"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["answer_accuracy"] == 0.5 and metrics["answered_turns"] == 4
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
+    answers = json.loads((checkpoint / "answers_val.json").read_text())
+    assert [answer["correct"] for answer in answers] == [True, False, True, False]
+    assert "exact_match" not in metrics and not (checkpoint / "captions_val.json").exists()
 
 
 def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys):

@@ -143,7 +143,7 @@ def test_vision_tower_loads_exactly_and_quietly_from_a_full_clip_checkpoint(tiny
 
 @pytest.mark.slow
 def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
-    make_demo(tmp_path / "demo", n=340)
+    make_demo(tmp_path / "demo", n=340, conversations=240)
     data = {"format": "coco", "image_directory": str(tmp_path / "demo" / "images")}
     common = {
         "dtype": "float32",

@@ -35,7 +35,7 @@ QUANTIZED_CLASSES = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364)  # 64 train images, 300 val
+    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
     return directory
 
 

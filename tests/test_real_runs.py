@@ -43,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364)  # 64 train images, 300 val
+    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
     return directory
 
 
@@ -621,6 +621,8 @@ def test_14_a_broken_checkpoint_file_is_named(tmp_path, make_model, damage):
     with pytest.raises(CheckpointError, match=expected) as raised:
         PhiClipMLLM.from_pretrained(checkpoint)
     assert str(broken) in str(raised.value) or str(broken.parent) in str(raised.value)
+    if damage != "truncated_adapter":
+        return  # the command line's part is the same for every damage: checked once
     random_image(0).save(tmp_path / "photo.png")
     command = [
         sys.executable,

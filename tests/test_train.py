@@ -41,7 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364)  # 64 train images, 300 val
+    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
     return directory
 
 
