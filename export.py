@@ -398,7 +398,8 @@ def model_card(
         "print(processor.decode(answer, skip_special_tokens=True))",
         "```",
         "",
-        f"Serve it with `transformers serve {name}` or `vllm serve {name}` (OpenAI-compatible chat completions).",
+        f"Serve it with `transformers serve` (requests name `{name}` as their model) or `vllm serve {name}`",
+        "(OpenAI-compatible chat completions).",
         "",
     ]
     return "\n".join(lines)

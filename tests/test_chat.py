@@ -16,13 +16,16 @@ COMMANDS = ("export.py", "chat.py", "demo.py")
 
 
 def test_streamed_pieces_join_to_exactly_the_reply(make_model):
-    model = make_model()
-    for seed in range(4):  # a random model's bytes often end mid-character: the streamer must hold those back
+    model, streamed = make_model(), []
+    for seed in range(6):  # a random model's bytes often end mid-character: the streamer must hold those back
         conversation = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
         reply = StreamedReply(model, conversation, [random_image(seed)], max_new_tokens=12)
         pieces = list(reply)
         assert "".join(pieces) == reply.text == generate(model, [conversation], [[random_image(seed)]], 12)[0]
-        assert len(pieces) > 1
+        streamed.append(len(pieces))
+    # Released as it grows, not all at the end (a reply of broken bytes may only settle at the end: the random
+    # weights, and so the replies, differ between transformers versions).
+    assert max(streamed) > 1, streamed
 
 
 def test_conversation_is_kept_in_the_training_format():

@@ -78,7 +78,7 @@ def conversations_and_images():
 
     theirs = [
         [{"role": "user", "content": [text("Describe this image."), image(0)]}],
-        [{"role": "user", "content": "Hello, what colour?"}],
+        [{"role": "user", "content": [text("Hello, what colour?")]}],  # a list: transformers 5.0 needs one
         [{"role": "user", "content": [image(1), text("What is shown in this picture? Please answer briefly.")]}],
         [
             {"role": "user", "content": [text("What is this?"), image(2)]},
@@ -134,7 +134,8 @@ def test_exported_logits_equal_ours(exported, padding_side):
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": padding_side},
+        padding=True,  # a keyword of its own: transformers 5.0 has no processor_kwargs
+        padding_side=padding_side,
     )
     for key in ("input_ids", "attention_mask"):
         assert torch.equal(inputs[key], batch[key]), key
@@ -160,7 +161,8 @@ def test_exported_greedy_generation_equals_ours_token_for_token(exported):
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
+        padding=True,
+        padding_side="left",
     )
     with torch.no_grad():
         output = llava.generate(**inputs, max_new_tokens=10)  # greedy and stop tokens from generation_config.json
@@ -189,7 +191,8 @@ def test_processor_chat_template_writes_our_prompts_with_the_phi3_tokenizer(tmp_
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
+            padding=True,
+            padding_side="left",
         )
         assert torch.equal(inputs["input_ids"], expected["input_ids"])
 

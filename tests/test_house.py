@@ -135,7 +135,9 @@ def test_vision_tower_loads_exactly_and_quietly_from_a_full_clip_checkpoint(tiny
         text_model=dict(TINY_TEXT), vision_model=str(tmp_path / "clip"), tokenizer=str(tiny_tokenizer_dir)
     )
     model = PhiClipMLLM(config)
-    loaded, reference = model.vision_model.state_dict(), clip.vision_model.state_dict()
+    reference = clip.vision_model.state_dict()
+    # transformers 5.0 keeps a "vision_model." prefix on these keys that later 5.x releases drop
+    loaded = {key.removeprefix("vision_model."): tensor for key, tensor in model.vision_model.state_dict().items()}
     assert loaded and all(torch.equal(tensor, reference[key]) for key, tensor in loaded.items())
     captured = capfd.readouterr()
     assert not [noise for noise in NOISE if noise in captured.err + captured.out], captured.err

@@ -110,7 +110,8 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
     path = write(tmp_path / "c.yaml", config)
     loaded = train.load_config(path, ["training_args.learning_rate=1e-4", "text_warmup.steps=7"], phase="one")
     assert loaded["training_args"]["learning_rate"] == 1e-4  # YAML's "1e-4" string became a float
-    assert loaded["text_warmup"] == {"steps": 7, "learning_rate": 1e-3, "batch_size": 32, "describe": True}
+    warmup = {"steps": 7, "learning_rate": 1e-3, "batch_size": 32, "describe": True, "data": None}
+    assert loaded["text_warmup"] == warmup
     assert loaded["training_args"]["gradient_accumulation_steps"] == 1 and loaded["peft_text"] is None
     expected = {"format": "coco", **config["phase_one"], "on_bad_image": "skip", "on_bad_record": "skip"}
     assert loaded["data"]["train"] == expected
