@@ -283,7 +283,7 @@ vector = torch.cat([p.detach().flatten() for p in model.parameters() if p.requir
 gathered = [torch.zeros_like(vector) for _ in range(2)]
 dist.all_gather(gathered, vector)
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
-print("rank", rank, "ok", float(vector.abs().sum()))
+print(f"rank {{rank}} ok {{float(vector.abs().sum())}}", flush=True)  # one write: the ranks share stdout
 dist.destroy_process_group()
 """
 
