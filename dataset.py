@@ -388,7 +388,12 @@ class ConversationDataset(Dataset):
         """The same dataset (settings, attached processor) over the records at `indices`, in that order."""
         subset = copy.copy(self)
         subset.records = [self.records[i] for i in indices]
-        subset.sources = [(position, self.source_of(i)) for position, i in enumerate(indices)] or self.sources[:1]
+        subset.sources = []
+        for position, index in enumerate(indices):  # a new entry only where the file changes
+            name = self.source_of(index)
+            if not subset.sources or subset.sources[-1][1] != name:
+                subset.sources.append((position, name))
+        subset.sources = subset.sources or self.sources[:1]
         return subset
 
     def bad_image_count(self) -> int:

@@ -106,11 +106,8 @@ def validation_loss(
     dataset: ConversationDataset,
     batch_size: int = 16,
     num_workers: int = 0,
-    limit: int | None = None,
 ) -> dict[str, float]:
     """Mean loss per supervised token over the split (token-weighted, not batch-averaged), and its perplexity."""
-    if limit is not None:
-        dataset = dataset.subset(range(min(limit, len(dataset))))
     loader = make_dataloader(
         dataset, Collator(model.processor), batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
@@ -150,10 +147,8 @@ def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> li
         history = sample["conversation"]
         for position, turn in enumerate(history):
             if turn["role"] == "assistant":
-                turns.append(
-                    {"id": sample["id"], "turn": position, "history": history[:position], "images": sample["images"]}
-                )
-                turns[-1]["reference"] = turn["content"]
+                context = {"history": history[:position], "images": sample["images"], "reference": turn["content"]}
+                turns.append({"id": sample["id"], "turn": position, **context})
     return turns
 
 

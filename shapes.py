@@ -37,7 +37,7 @@ DEMO_SIDES = ("left", "right")
 DEMO_IMAGE_SIZE = 64
 DEMO_VAL_IMAGES = 300
 DEMO_VAL_CONVERSATIONS = 200
-# question kind -> (phrasings, the answers it can have), in the caption's words. The side, when asked, is asked first,
+# question kind -> (phrasings, the answers it can have), in the caption's words. The side is always asked first,
 # next to the image: the tiny 2-layer LM reads where a shape is by how far back the image is (as it does in captions),
 # while colour and shape it reads from the image's content at any distance.
 DEMO_QUESTIONS = {
