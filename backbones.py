@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.utils import logging as hf_logging
 
-from config import PhiClipConfig
+from config import ConfigError, PhiClipConfig
 from processor import image_processor_class
 from quantization import load_kwargs, quantize_built
 
@@ -199,3 +199,28 @@ def attention_with_contiguous_value() -> str:
         AttentionInterface.register(CONTIGUOUS_VALUE_SDPA, attention)
         AttentionMaskInterface.register(CONTIGUOUS_VALUE_SDPA, sdpa_mask)
     return CONTIGUOUS_VALUE_SDPA
+
+
+def use_liger_kernels(language_model: nn.Module) -> None:
+    """Run the LM's RMSNorm, SwiGLU and RoPE as liger-kernel's fused Triton kernels (training_args.use_liger_kernel).
+
+    transformers' Trainer applies liger only to a PreTrainedModel (ours is not one) and with liger's fused
+    cross-entropy, which would replace the LM's forward; ours computes logits at the supervised positions only. So
+    the LM is patched here, without cross-entropy. liger patches this instance's modules and also the LM's
+    modeling module (every model of that type built later in this process). RoPE stays unfused for a partial rotary
+    dimension (Phi-4-mini's 0.75): liger's kernel rotates the whole head. Raises ConfigError without a CUDA GPU.
+    """
+    if not torch.cuda.is_available():
+        raise ConfigError("training_args.use_liger_kernel=true: liger-kernel's Triton kernels need a CUDA GPU")
+    from liger_kernel.transformers import monkey_patch  # the per-model patch functions, by model type
+
+    base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    model_type = base.config.model_type
+    if model_type not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"training_args.use_liger_kernel=true: liger-kernel has no kernels for {model_type} models")
+    full_rotary = (getattr(base.config, "partial_rotary_factor", None) or 1.0) == 1.0
+    kernels = dict(rope=full_rotary, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    monkey_patch._apply_liger_kernel_to_instance(model=base, **kernels)
+    logger.info(
+        "liger-kernel on the %s language model: %s", model_type, ", ".join(k for k, on in kernels.items() if on)
+    )

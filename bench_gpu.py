@@ -4,7 +4,8 @@ python bench.py --gpu [--out DIR] [--budget SECONDS]     (python bench.py --gpu 
 
 Every row steps as train.py's Trainer does (bench_pair.make_step: bf16 autocast, clipping, AdamW). Ours and the peer
 are timed interleaved where they are compared; the levers (attention kernel, checkpointing) run one model at a time.
-The last rows run train.py itself, eager and compiled, beside the benchmark's step on the same model and data.
+The last rows run train.py itself, eager and compiled, each without and with liger-kernel (where installed), beside
+the benchmark's step on the same model and data.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from bench_pair import (
     unset_lora,
     write_training_config,
 )
+from config import installed
 
 BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s of the card (datasheet)
 
@@ -136,24 +138,38 @@ def bench_gpu(tiny: bool = False, budget_s: float = 450.0, say=print, trainer_co
         torch.cuda.empty_cache()  # the pair is gone: train.py builds its own model
     torch._dynamo.reset()
     trainer_steps, trainer_warmup = (30, 10) if cuda else (3, 2)
-    for compiled in (False, True):
+    # liger last: it patches transformers' Phi-3 module for the rest of the process (use_liger_kernels).
+    for compiled, liger in ((False, False), (True, False), (False, True), (True, True)):
         left = budget_s - (time.perf_counter() - start)
+        name = f"train.py torch_compile={compiled} use_liger_kernel={liger}"
         if compiled and not (cuda and not tiny if trainer_compile is None else trainer_compile):
-            result["skipped"].append("train.py torch_compile row: tiny (inductor's compile would dominate)")
+            result["skipped"].append(f"{name}: tiny (inductor's compile would dominate)")
+        elif liger and not (cuda and installed("liger_kernel")):
+            result["skipped"].append(f"{name}: liger-kernel needs a CUDA GPU and `pip install liger-kernel`")
         elif cuda and left < (100 if compiled else 45):
-            result["skipped"].append(f"train.py torch_compile={compiled}: {left:.0f} s left")
+            result["skipped"].append(f"{name}: {left:.0f} s left")
         else:
             overrides = [f"training_args.torch_compile={str(compiled).lower()}"]
-            overrides += [f"checkpoint.output_dir={workdir / f'train_compile_{compiled}'}"]
+            overrides += [f"training_args.use_liger_kernel={str(liger).lower()}"]
+            overrides += [f"checkpoint.output_dir={workdir / f'train_{compiled}_{liger}'}"]
             overrides += ["data.num_workers=4"] if cuda else []
             try:
                 row = trainer_against_bench(config, trainer_steps, trainer_warmup, overrides, say=say)
             except Exception as error:  # reported, not fatal
                 row = {"error": f"{type(error).__name__}: {error}"[:300]}
-            result.setdefault("train_py", []).append({"torch_compile": compiled, **row})
-    rows = result.get("train_py", [])
-    if len(rows) == 2 and not any("error" in r for r in rows):
-        result["train_py_compiled_over_eager"] = ratio(rows[1]["train_py_samples_s"], rows[0]["train_py_samples_s"])
+            result.setdefault("train_py", []).append({"torch_compile": compiled, "use_liger_kernel": liger, **row})
+    speed = {
+        (r["torch_compile"], r["use_liger_kernel"]): r["train_py_samples_s"]
+        for r in result.get("train_py", [])
+        if "error" not in r
+    }
+    for key, (top, bottom) in {
+        "train_py_compiled_over_eager": ((True, False), (False, False)),
+        "train_py_liger_over_unfused_eager": ((False, True), (False, False)),
+        "train_py_liger_over_unfused_compiled": ((True, True), (True, False)),
+    }.items():
+        if top in speed and bottom in speed:
+            result[key] = ratio(speed[top], speed[bottom])
     shutil.rmtree(workdir, ignore_errors=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
@@ -255,9 +271,12 @@ def gpu_table(result: dict) -> str:
         line = f"phase {phase} {'compiled' if compiled else 'eager'}: ours / peer {v['ours'] / v['peer']:.3f}"
         lines.append(line + (f", ours / eager peer {v['ours'] / eager_peer[phase]:.3f}" if compiled else ""))
     for r in result.get("train_py", []):
-        lines.append(f"train.py torch_compile={r['torch_compile']}: " + json.dumps(r))
-    if "train_py_compiled_over_eager" in result:
-        lines.append(f"train.py compiled / eager samples/s: {result['train_py_compiled_over_eager']}")
+        lines.append(
+            f"train.py torch_compile={r['torch_compile']} use_liger_kernel={r['use_liger_kernel']}: " + json.dumps(r)
+        )
+    for key in ("compiled_over_eager", "liger_over_unfused_eager", "liger_over_unfused_compiled"):
+        if f"train_py_{key}" in result:
+            lines.append(f"train.py samples/s, {key.replace('_', ' ')}: {result[f'train_py_{key}']}")
     for key, prof in result["profiles"].items():
         lines.append(f"profile {key}: " + json.dumps({k: v for k, v in prof.items() if k != "top"}))
         lines += [f"  {ms:8.2f} ms {count:5d}x  {kernel}" for kernel, ms, count in prof["top"]]

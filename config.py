@@ -209,7 +209,7 @@ SCHEMA: dict[str, Any] = {
         "max_grad_norm": ((float,), 1.0), "gradient_checkpointing": ((bool,), False),
         "torch_compile": ((bool,), False), "save_steps": ((int,), 500), "save_total_limit": ((int, NONE), 2),
         "logging_steps": ((int,), 10), "eval_steps": ((int, NONE), 500), "report_to": ((str, list), "auto"),
-        "optim": ((str,), "adamw_torch"),
+        "optim": ((str,), "adamw_torch"), "use_liger_kernel": ((bool,), False),
     },
     "peft_text": ((dict, NONE), None), "peft_vision": ((dict, NONE), None),
     "text_warmup": {"steps": ((int,), 0), "learning_rate": ((float,), 1e-3), "batch_size": ((int,), 32),
@@ -429,7 +429,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     for name, value in paths if check_paths else ():
         require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
     if check_paths:  # a dry run plans on any machine
-        _check_bitsandbytes_needs(config, path, phase)
+        _check_optional_packages(config, path, phase)
 
 
 def data_sources(split: dict | list | None) -> list:
@@ -496,7 +496,7 @@ def _check_training_args(args: dict, require) -> None:
     require(not unknown, f"training_args.report_to: unknown integration(s) {unknown}; expected some of {REPORT_TO}")
 
 
-def _check_bitsandbytes_needs(config: dict, path: Path, phase: str | None) -> None:
+def _check_optional_packages(config: dict, path: Path, phase: str | None) -> None:
     # Phase two runs the phase-one model as stored, unless its model section sets quantize (build_model does so too).
     quantize = (config["model"] or {}).get("quantize")
     stored = Path(config["checkpoint"]["load_dir"] or "") / "config.json"
@@ -507,14 +507,24 @@ def _check_bitsandbytes_needs(config: dict, path: Path, phase: str | None) -> No
         require_bitsandbytes(f"{path}: model.quantize={quantize}")
     if config["training_args"]["optim"] != "adamw_torch":
         require_bitsandbytes(f"{path}: training_args.optim={config['training_args']['optim']}")
+    if config["training_args"]["use_liger_kernel"] and not installed("liger_kernel"):
+        raise ConfigError(
+            f"{path}: training_args.use_liger_kernel=true needs liger-kernel (Triton kernels for a CUDA GPU), which is "
+            "not installed: pip install -e '.[liger]' (or pip install liger-kernel)"
+        )
+
+
+def installed(module: str) -> bool:
+    """Whether an optional package can be imported, without importing it (or torch)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules holds None for it: imports of it are blocked
+        return False
 
 
 def bitsandbytes_installed() -> bool:
-    """Whether bitsandbytes (the optional `quantize` extra) can be imported, without importing it (or torch)."""
-    try:
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except ValueError:  # sys.modules holds None for it: imports of it are blocked
-        return False
+    """Whether bitsandbytes (the optional `quantize` extra) can be imported."""
+    return installed("bitsandbytes")
 
 
 def require_bitsandbytes(what: str) -> None:

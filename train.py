@@ -67,7 +67,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from backbones import CheckpointError, read_config_file
+from backbones import CheckpointError, read_config_file, use_liger_kernels
 from dataset import Collator, make_dataset
 from generate import generate
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
@@ -247,6 +247,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
                 model.setup_lora(config["peft_text"], config["peft_vision"])
             except ValueError as error:  # targets that match nothing, settings that contradict a loaded LoRA
                 raise ConfigError(f"{config['path']}: {error}") from None
+    if config["training_args"]["use_liger_kernel"]:
+        use_liger_kernels(model.text_model)
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     if config["training_args"]["torch_compile"]:
