@@ -302,7 +302,8 @@ def make_step(model, batch: dict, config: dict | None = None):
     forward runs under accelerate's mixed precision (bf16 autocast: the fp32 adapter and LoRA weights run bf16
     matmuls), the loss check that syncs the host each step, gradient clipping, AdamW, the LR schedule.
     """
-    from train import PhiClipTrainer, _training_arguments  # bench is the only file that looks inside train.py
+    from train import _training_arguments  # bench is the only file that looks inside train.py
+    from trainer import PhiClipTrainer
 
     if config is None:
         dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)  # the backbones'

@@ -47,172 +47,33 @@ def command_line() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
 
-import contextlib  # the heavy imports follow the early argument check above
-import importlib.util
-import json
+import importlib.util  # the heavy imports follow the early argument check above
 import logging
-import math
 import os
-import re
 import shutil
-import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from backbones import CheckpointError, read_config_file, use_liger_kernels
 from dataset import Collator, make_dataset
-from generate import generate
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
+from trainer import (
+    COMPLETE_MARKER,
+    PhiClipTrainer,
+    ProgressReport,
+    complete_checkpoints,
+    finished,
+    output_lock,
+    publish,
+    train_with_progress,
+)
 
 logger = logging.getLogger("train")
 
-COMPLETE_MARKER = "checkpoint_complete"  # written last: a checkpoint directory without it is ignored
-LOCK_FILE = "train.lock"  # a live run's pid and host
 __all__ = ["ConfigError", "load_config", "complete_checkpoints", "run_training", "run_demo", "main"]
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories under output_dir that were fully written, oldest step first."""
-    found = {
-        int(p.name.split("-")[1]): p
-        for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / COMPLETE_MARKER).is_file()
-    }
-    return [found[step] for step in sorted(found)]
-
-
-def _publish(model: PhiClipMLLM, directory: Path) -> None:
-    # save_pretrained replaces its target wholesale, but a checkpoint directory also holds Trainer's files (other
-    # ranks may be writing theirs) and the output directory holds checkpoints, so stage aside and move in with
-    # config.json last: a directory without config.json is not loadable, so readers never see a half model.
-    staged = model.save_pretrained(directory.parent / f".{directory.name}.model")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").unlink(missing_ok=True)
-    for entry in sorted(staged.iterdir(), key=lambda p: p.name == "config.json"):
-        target = directory / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staged.rmdir()
-
-
-SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}  # counted by dataset.Collator
-
-
-class PhiClipTrainer(Trainer):
-    """Trainer that saves our checkpoint layout, marks complete checkpoints and counts skipped samples."""
-
-    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.keep_checkpoints, self.skipped = keep_checkpoints, dict.fromkeys(SKIPPED, 0)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        for key in SKIPPED:  # not model inputs
-            count = inputs.pop(key, None)
-            self.skipped[key] += int(count) if count is not None and model.training else 0
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Trainer would write the full state dict (frozen backbones included); ours stores adapter + LoRA.
-        if self.args.should_save:
-            _publish(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained
-
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)  # save_total_limit is None there: we rotate complete ones only
-        self.accelerator.wait_for_everyone()  # every rank's rng_state file is in before the marker
-        if not self.args.should_save:
-            return
-        root = Path(self.args.output_dir)
-        with open(root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}" / COMPLETE_MARKER, "w") as marker:
-            marker.write(f"{self.state.global_step}\n")
-            marker.flush()
-            os.fsync(marker.fileno())
-        complete = complete_checkpoints(root)
-        stale = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p not in complete]  # killed mid-save
-        old = complete[: -self.keep_checkpoints] if self.keep_checkpoints else []
-        for directory in stale + list(root.glob(f".{PREFIX_CHECKPOINT_DIR}-*")) + old:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-class ProgressReport(TrainerCallback):
-    """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
-    the epoch's draws at each epoch start; skipped-sample counts at each epoch end."""
-
-    def __init__(self, trainer: PhiClipTrainer, val_set, count: int):
-        self.trainer = trainer
-        self.samples = [val_set.sample(i, epoch=0) for i in range(min(count, len(val_set)))] if val_set else []
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # accelerate's sharded loader (several processes) does not pass the epoch on to the dataset, whose
-        # instructions and captions are drawn per epoch; the workers copy it when the epoch's iterator starts.
-        self.trainer.train_dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if not (state.is_world_process_zero and self.samples):
-            return
-        prompts = [s["conversation"][0]["content"] for s in self.samples]
-        replies = generate(model, prompts, [s["images"] for s in self.samples], max_new_tokens=32)
-        lines = []
-        for sample, reply in zip(self.samples, replies):
-            reference = sample["conversation"][1]["content"]
-            logger.info("step %d caption %s: %r (reference %r)", state.global_step, sample["id"], reply, reference)
-            lines.append(f"| {sample['id']} | {reply} | {reference} |")
-        board = next((c for c in self.trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
-        if board is not None and board.tb_writer is not None:
-            table = "| sample | reply | reference |\n|---|---|---|\n" + "\n".join(lines)
-            board.tb_writer.add_text("eval/captions", table, state.global_step)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        accelerator = self.trainer.accelerator
-        counts = torch.tensor([self.trainer.skipped[key] for key in SKIPPED])
-        if accelerator.num_processes > 1:
-            counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
-        if state.is_world_process_zero:
-            skipped = ", ".join(f"{int(n)} {what} skipped" for n, what in zip(counts, SKIPPED.values()))
-            logger.info("epoch %.2f: %s", state.epoch or 0, skipped)
-        self.trainer.skipped = dict.fromkeys(SKIPPED, 0)
-
-
-class LogLines(TrainerCallback):
-    """One labelled log line per logging step (Trainer itself prints bare dicts or writes through its bar)."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
-            logger.info("%s step %d/%d: %s", self.stage, state.global_step, state.max_steps, values)
-
-
-class ProgressBar(ProgressCallback):
-    """Trainer's progress bar (on a terminal) without its raw log dicts: LogLines writes those."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-def _train(trainer: Trainer, stage: str, **train_kwargs) -> None:
-    """trainer.train() with labelled log lines; on a terminal, log lines print above the bar, never into it."""
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    if not trainer.args.disable_tqdm:
-        trainer.add_callback(ProgressBar())
-    trainer.add_callback(LogLines(stage))
-    with logging_redirect_tqdm():
-        trainer.train(**train_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -371,7 +232,7 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
         dataloader_num_workers=0,
         logging_steps=max(1, settings["steps"] // 5),
     )
-    _train(
+    train_with_progress(
         Trainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)), "text warm-up"
     )
     model.prime_model("one")
@@ -437,73 +298,16 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
     for callback in callbacks:
         trainer.add_callback(callback)
-    if resume_dir is not None and _finished(resume_dir):
+    if resume_dir is not None and finished(resume_dir):
         # Trainer would take one more step past max_steps; the run was killed while writing its final model.
         logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)
     else:
-        _train(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        train_with_progress(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
-        _publish(model, output_dir)
+        publish(model, output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
     return model
-
-
-def _finished(checkpoint: Path) -> bool:
-    state = read_config_file(checkpoint / "trainer_state.json", "Trainer state")
-    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path):
-    """Refuse at once to start a second run in an output directory that a live run is writing to.
-
-    The lock file names the pid and host; one left by a run that died on this host is taken over. Only the main
-    process (RANK 0) holds it: the other ranks of the same run write into the same directory.
-    """
-    if int(os.environ.get("RANK", "0")) != 0:
-        yield
-        return
-    created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lock, me = output_dir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
-    for _ in range(2):
-        try:
-            with open(lock, "x") as handle:
-                json.dump(me, handle)
-            break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                logger.warning("%s: taking over the lock of a run that is gone (pid %s)", lock, holder.get("pid"))
-                lock.unlink(missing_ok=True)
-                continue
-            raise ConfigError(
-                f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, started "
-                f"{holder.get('started')}): wait for it, choose another checkpoint.output_dir, or delete {lock} if "
-                "that run is gone"
-            ) from None
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()  # a run that stopped before writing anything leaves nothing behind
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------- demo

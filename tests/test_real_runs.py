@@ -23,6 +23,7 @@ from test_train import tiny_config as run_config
 
 import dataset as D
 import train
+import trainer
 from backbones import CheckpointError
 from config import ConfigError, load_config
 from model import PhiClipMLLM
@@ -362,16 +363,16 @@ def test_06_a_second_run_in_the_same_output_dir_refuses_at_once(tmp_path, demo_d
     try:
         (tmp_path / "p1").mkdir()
         lock = {"pid": other.pid, "host": os.uname().nodename, "started": "now"}
-        (tmp_path / "p1" / train.LOCK_FILE).write_text(json.dumps(lock))
+        (tmp_path / "p1" / trainer.LOCK_FILE).write_text(json.dumps(lock))
         assert train.main(["--phase_one", "--config", str(path)]) == 2
         message = capsys.readouterr().err
-        assert f"is in use by another run (pid {other.pid}" in message and train.LOCK_FILE in message
+        assert f"is in use by another run (pid {other.pid}" in message and trainer.LOCK_FILE in message
         assert not (tmp_path / "p1" / "config.json").exists()
     finally:
         other.kill()
         other.wait()
     assert train.main(["--phase_one", "--config", str(path)]) == 0  # the holder is gone: its lock is taken over
-    assert not (tmp_path / "p1" / train.LOCK_FILE).exists()  # released at the end
+    assert not (tmp_path / "p1" / trainer.LOCK_FILE).exists()  # released at the end
 
 
 # ------------------------------------------------------------------------------------------------------ 7. resume
