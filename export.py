@@ -124,6 +124,7 @@ from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGener
 from config import torch_dtype
 from model import PhiClipMLLM, quiet_loading
 from processor import ANSWER_SEPARATOR
+from quantization import dequantized, is_quantized
 
 # The processor's chat template: each message's parts (text, image) stripped and joined by one space, the message
 # trimmed, then the markup of processor.py's format_conversation. So `apply_chat_template` (and with it transformers
@@ -152,14 +153,17 @@ CHAT_TEMPLATES = {
 
 
 def merge_lora(model: PhiClipMLLM) -> PhiClipMLLM:
-    """Merge any peft LoRA into its backbone, in place (outputs unchanged); returns the model."""
-    from peft import PeftModel
+    """Merge any LoRA into its backbone and dequantise a quantised LM, in place; returns the model.
 
-    for name in ("text", "vision"):
-        backbone = getattr(model, f"{name}_model")
-        if isinstance(backbone, PeftModel):
-            setattr(model, f"{name}_model", backbone.merge_and_unload())
-            setattr(model.config, f"lora_{name}", None)
+    A Llava directory holds plain weights. A model trained quantised (model.quantize) computed with the dequantised
+    4- or 8-bit weights, so those are what it exports (model.merge_lora): outputs stay what they were in training,
+    up to the rounding of the dtype.
+    """
+    model.merge_lora()
+    if is_quantized(model.text_model):  # quantised without LoRA: a phase-one model of the small-GPU recipe
+        with quiet_loading():
+            model.text_model = dequantized(model.text_model)
+        model.config.quantize = None
     return model
 
 
