@@ -63,10 +63,15 @@ def test_liger_without_a_gpu_is_one_line_error(tmp_path, demo_dir, monkeypatch, 
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and LIGER_INSTALLED), reason="needs a CUDA GPU and liger-kernel")
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_liger_matches_the_unfused_model_in_loss_and_gradients(make_model, monkeypatch, dtype, tolerance):
+@pytest.mark.parametrize(
+    "dtype, tolerance, compiled",
+    [(torch.float32, 1e-4, False), (torch.bfloat16, 2e-2, False), (torch.float32, 1e-4, True)],
+    ids=["fp32", "bf16", "fp32-compiled"],
+)
+def test_liger_matches_the_unfused_model_in_loss_and_gradients(make_model, monkeypatch, dtype, tolerance, compiled):
     """The tolerance is relative: fp32 leaves only the kernels' different summation order (1e-4 is ~100x that);
-    bf16 rounds RMSNorm's and SwiGLU's outputs at different points (2e-2 is a few bf16 epsilons)."""
+    bf16 rounds RMSNorm's and SwiGLU's outputs at different points (2e-2 is a few bf16 epsilons). Compiled: the
+    decoder layers as training_args.torch_compile compiles them, traced by dynamo and AOTAutograd with liger inside."""
     from transformers.models.phi3 import modeling_phi3
 
     model = make_model(seed=0).setup_lora(TEXT_LORA, None).to("cuda", dtype).train()
@@ -89,6 +94,9 @@ def test_liger_matches_the_unfused_model_in_loss_and_gradients(make_model, monke
     layer = model.text_model.get_base_model().model.layers[0]
     assert layer.input_layernorm.forward.__func__ is not unfused_norm, "liger did not patch the RMSNorm"
     assert "liger" in modeling_phi3.apply_rotary_pos_emb.__module__
+    if compiled:
+        torch._dynamo.reset()
+        model.compile_language_model(backend="aot_eager")
     fused_loss, fused_gradients = loss_and_gradients()
 
     assert abs(fused_loss - unfused_loss) <= tolerance * unfused_loss
