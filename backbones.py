@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
 from config import ConfigError, PhiClipConfig
@@ -125,10 +126,11 @@ def load_backbone(
             values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
             values.setdefault("bos_token_id", None)
             if values["vocab_size"] < len(tokenizer):
-                raise ValueError(
-                    f"model.text_model.vocab_size={values['vocab_size']} < tokenizer size {len(tokenizer)}"
+                raise ConfigError(
+                    f"model.text_model.vocab_size={values['vocab_size']} is smaller than the tokenizer "
+                    f"({len(tokenizer)} tokens): delete the key (an inline LM is sized for its tokenizer) or raise it"
                 )
-        model_config = AutoConfig.for_model(**values)
+        model_config = inline_config(key, values)
         build = auto_class.from_config if name == "text" else auto_class._from_config
         with torch.device("meta") if device is not None else contextlib.nullcontext():
             model = build(model_config, dtype=dtype, attn_implementation=attn)
@@ -152,6 +154,23 @@ def load_backbone(
     if name == "text" and attn == "sdpa":
         model.set_attn_implementation(attention_with_contiguous_value())
     return model
+
+
+def inline_config(key: str, values: dict):
+    """The transformers config of an inline (random-init) backbone; a bad value is a ConfigError naming it."""
+    expected = {"text_model": "a causal LM such as phi3", "vision_model": "clip_vision_model"}[key]
+    try:
+        config = AutoConfig.for_model(**values)
+    except Exception as error:  # transformers' strict config validation raises its own classes (not ValueError)
+        reason = " ".join(str(error).split())[:300]
+        raise ConfigError(f"model.{key}: not a valid {values.get('model_type')!r} config ({reason})") from None
+    wanted = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if key == "text_model" else {"clip_vision_model": None}
+    if config.model_type not in wanted:
+        raise ConfigError(f"model.{key}.model_type is {config.model_type!r}; expected {expected}")
+    heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if heads and width and width % heads:
+        raise ConfigError(f"model.{key}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    return config
 
 
 def hub_revision(source: str) -> str | None:

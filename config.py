@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -45,6 +46,12 @@ REPORT_TO = (
     "trackio",
     "wandb",
 )
+# The integrations a user names that need a package of their own (transformers' callbacks import it at start).
+REPORT_TO_MODULES = {
+    "azure_ml": "azureml", "clearml": "clearml", "codecarbon": "codecarbon", "comet_ml": "comet_ml",
+    "dagshub": "dagshub", "dvclive": "dvclive", "mlflow": "mlflow", "neptune": "neptune", "swanlab": "swanlab",
+    "trackio": "trackio", "wandb": "wandb",
+}  # fmt: skip
 
 # The published architectures (their config.json values), for checks and dry runs that must not need the hub.
 KNOWN_ARCHITECTURES = {
@@ -263,9 +270,11 @@ def load_config(
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     for override in overrides:
@@ -278,7 +287,12 @@ def load_config(
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {override!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(
+                f"--set {override!r}: the value is not valid YAML ({' '.join(str(error).split())})"
+            ) from None
     for key, instead in RETIRED_KEYS.items():
         if key in raw:
             raise ConfigError(f"{path}: {key}: {instead}")
@@ -452,7 +466,9 @@ def _check_feature_layer(model: PhiClipConfig, require) -> None:
 
 def _check_training_args(args: dict, require) -> None:
     for key in ("batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "learning_rate"):
-        require(args[key] > 0, f"training_args.{key} must be positive, got {args[key]}")
+        require(0 < args[key] < float("inf"), f"training_args.{key} must be positive (and finite), got {args[key]}")
+    for key in ("num_train_epochs", "weight_decay", "max_grad_norm", "warmup_steps"):
+        require(math.isfinite(args[key]), f"training_args.{key} must be a finite number, got {args[key]}")
     require(
         args["max_steps"] == -1 or args["max_steps"] > 0,
         f"training_args.max_steps must be positive (or -1: train num_train_epochs), got {args['max_steps']}",
@@ -507,6 +523,20 @@ def _check_optional_packages(config: dict, path: Path, phase: str | None) -> Non
         require_bitsandbytes(f"{path}: model.quantize={quantize}")
     if config["training_args"]["optim"] != "adamw_torch":
         require_bitsandbytes(f"{path}: training_args.optim={config['training_args']['optim']}")
+    attention = (config["model"] or {}).get("attn_implementation")
+    if attention == "flash_attention_2" and not installed("flash_attn"):
+        raise ConfigError(
+            f"{path}: model.attn_implementation=flash_attention_2 needs the flash-attn package (and a CUDA GPU), "
+            "which is not installed: pip install flash-attn, or use sdpa"
+        )
+    report_to = config["training_args"]["report_to"]
+    for name in [report_to] if isinstance(report_to, str) else report_to:
+        module = REPORT_TO_MODULES.get(name)
+        if module and not installed(module):
+            raise ConfigError(
+                f"{path}: training_args.report_to names {name}, which is not installed: pip install {module}, or "
+                "leave it out (auto: tensorboard when installed)"
+            )
     if config["training_args"]["use_liger_kernel"] and not installed("liger_kernel"):
         raise ConfigError(
             f"{path}: training_args.use_liger_kernel=true needs liger-kernel (Triton kernels for a CUDA GPU), which is "
@@ -535,6 +565,21 @@ def require_bitsandbytes(what: str) -> None:
         )
 
 
+# The LoRA keys peft would only trip over later, deep inside get_peft_model: (accepted types, what to write).
+LORA_TYPES = {
+    "use_rslora": ((bool,), "true or false"),
+    "use_dora": ((bool,), "true or false"),
+    "fan_in_fan_out": ((bool,), "true or false"),
+    "init_lora_weights": ((bool, str), "true, false or a peft init name (e.g. gaussian)"),
+    "modules_to_save": ((list,), "a list of module names"),
+    "layers_to_transform": ((int, list), "a layer index or a list of them"),
+    "layers_pattern": ((str, list), "a module name or a list of them"),
+    "rank_pattern": ((dict,), "a mapping of module-name pattern to rank"),
+    "alpha_pattern": ((dict,), "a mapping of module-name pattern to alpha"),
+    "exclude_modules": ((str, list), "a module name (regex) or a list of them"),
+}
+
+
 def _check_lora(settings: dict, name: str, require) -> None:
     unknown = sorted(set(settings) - set(LORA_KEYS))
     require(not unknown, f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys: {list(LORA_KEYS)}")
@@ -552,6 +597,12 @@ def _check_lora(settings: dict, name: str, require) -> None:
     )
     bias = settings.get("bias", "none")
     require(bias in ("none", "all", "lora_only"), f"{name}.bias must be none, all or lora_only, got {bias!r}")
+    for key, (types, expected) in LORA_TYPES.items():
+        value = settings.get(key)
+        require(
+            value is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)),
+            f"{name}.{key} must be {expected}, got {value!r}",
+        )
     targets = settings.get("target_modules")
     require(
         (isinstance(targets, str) and targets)

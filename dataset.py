@@ -159,7 +159,7 @@ class ConversationDataset(Dataset):
         return {"conversation": conversation, "images": list(record.images), "id": record.id}
 
     def __getitem__(self, index: int) -> dict:
-        counts = {"num_bad_images": 0, "num_bad_records": 0}
+        counts, problem = {"num_bad_images": 0, "num_bad_records": 0}, None
         short_side = self.processor.image_short_side if self.processor is not None else None
         for attempt in range(min(len(self), MAX_REPLACEMENTS + 1)):
             sample = self.sample((index + attempt) % len(self))
@@ -178,12 +178,19 @@ class ConversationDataset(Dataset):
             except BadImageError as error:
                 if self.on_bad_image == "error":
                     raise
+                problem = error
                 counts["num_bad_images"] += 1
                 self._bad_count += 1
                 self._note("skipping bad image", error)
                 continue
             return sample | counts
-        raise BadImageError(f"samples {index}.. : {sum(counts.values())} consecutive samples are unusable; giving up")
+        # Nothing usable in a long run of samples: the data (or max_length) is wrong, not one file.
+        error = BadRecordError if counts["num_bad_records"] >= counts["num_bad_images"] else BadImageError
+        raise error(
+            f"{self.source_of(index)}: samples {index}.. : {sum(counts.values())} consecutive samples are unusable "
+            f"({counts['num_bad_images']} bad image(s), {counts['num_bad_records']} bad record(s); the last: "
+            f"{problem}); giving up"
+        )
 
     def _note(self, what: str, error: Exception) -> None:
         message = str(error)

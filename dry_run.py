@@ -189,7 +189,13 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
         name: source if isinstance(source, str) else f"inline {(text if name[0] == 't' else vision)['model_type']}"
         for name, source in names.items()
     }
-    return model, {"labels": labels, "vocabulary": vocabulary, "quantize": quantize}
+    about = {"labels": labels, "vocabulary": vocabulary, "quantize": quantize, "notes": []}
+    if phase == "two" and not (load_dir / "config.json").is_file():
+        about["notes"].append(
+            f"checkpoint.load_dir {str(load_dir)!r} holds no phase-one model yet: planned from this config's model "
+            "section, with the default backbones where it names none"
+        )
+    return model, about
 
 
 def fit_advice(model: PhiClipMLLM, config: dict, settings: dict, gpu_memory_gb: float) -> list[str]:
@@ -258,6 +264,7 @@ def dry_run(config: dict, phase: str, gpu_memory_gb: float = 24.0) -> str:
         quantized = f"{settings['quantize']} (bitsandbytes): its linear layers {packed:.2f} GB instead of {plain:.2f}"
     lines = [
         f"dry run: {config['path']} (phase {phase}; meta device, no weights loaded)",
+        *(f"  note: {note}" for note in about["notes"]),
         f"  text model: {about['labels']['text_model']}: {size(model.text_model, False)} parameters",
         f"  vision model: {about['labels']['vision_model']}: {size(model.vision_model, False)} parameters "
         f"({model.config.vision_feature_layer} layers used)",

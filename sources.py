@@ -229,6 +229,11 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
         return "conversations of gpt turns only (no question)", [], []
     if all(role == "user" for role, _ in turns):
         return "conversations without a gpt turn (nothing to learn)", [], []
+    answers = [value for role, value in turns if role == "assistant"]
+    if any(not value.strip() for value in answers):
+        return "conversations with an empty gpt answer", [], []
+    if any("<image>" in value for value in answers):  # its image tokens would be trained as answer text
+        return "conversations with <image> in a gpt turn (an image belongs in a question)", [], []
     markers = sum(value.count("<image>") for _, value in turns)
     if images and markers == 0:
         # LLaVA's own loader puts the image before the first question when the text omits the marker.
@@ -245,7 +250,8 @@ def read_llava(
     """Conversation records from LLaVA-Instruct JSON; entries without ``image`` become text-only samples.
 
     Malformed entries (not an object, no conversations, null values, an ``image`` that is not a file name, no
-    question or no answer, marker/image count mismatch) are excluded and named in one warning line.
+    question or no answer, an empty answer, ``<image>`` in an answer, marker/image count mismatch) are excluded and
+    named in one warning line.
     """
     annotation_file = Path(annotation_file)
     if image_directory is not None:

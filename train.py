@@ -39,9 +39,21 @@ def command_line() -> argparse.ArgumentParser:
         help="override a config value, e.g. training_args.learning_rate=2e-4 (repeatable)",
     )
     parser.add_argument("--dry_run", action="store_true", help="report parameters and memory; load nothing")
-    parser.add_argument("--gpu_memory_gb", type=float, default=24.0, help="GPU memory to check the estimate against")
+    parser.add_argument(
+        "--gpu_memory_gb", type=_gigabytes, default=24.0, help="GPU memory to check the estimate against"
+    )
     parser.add_argument("--demo", action="store_true", help="run the synthetic-shapes demo end to end")
     return parser
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of GB, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":
@@ -58,7 +70,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from backbones import CheckpointError, read_config_file, use_liger_kernels
-from dataset import Collator, make_dataset
+from dataset import BadImageError, BadRecordError, Collator, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
     COMPLETE_MARKER,
@@ -129,19 +141,27 @@ def _which(flags: dict) -> str:
 def _check_architecture(model_section: dict, checkpoint: Path) -> None:
     """The YAML's architecture keys must describe the checkpoint being loaded (a phase-two file copies them)."""
     stored = PhiClipConfig.from_dict(read_config_file(checkpoint / "config.json", "PhiClipMLLM"))
+    tokenizer = stored.tokenizer or stored.text_model
+    if model_section.get("tokenizer") not in (None, tokenizer):  # the checkpoint keeps (and loads) its own copy
+        raise ConfigError(
+            f"model.tokenizer is {model_section['tokenizer']!r} in the config but {tokenizer!r} in "
+            f"{checkpoint / 'config.json'}: a loaded model keeps the tokenizer its embeddings were trained with "
+            "(delete the key)"
+        )
     for key in PhiClipConfig.ARCHITECTURE_KEYS:
         if key not in model_section:
             continue
-        wanted, found = model_section[key], getattr(stored, key)
+        given = wanted = model_section[key]
+        found = shown = getattr(stored, key)
         if key == "vision_feature_layer" and wanted < 0:  # stored as the number of layers kept
             layers = (backbone_architecture(stored.vision_model) or {}).get("num_hidden_layers")
             if layers is None:
                 continue  # the tower's depth is not known offline: nothing to compare against
-            wanted = layers + 1 + wanted
+            wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
         if wanted != found:
             raise ConfigError(
-                f"model.{key} is {wanted!r} in the config but {found!r} in {checkpoint / 'config.json'}, the model "
-                f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {found!r})"
+                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, the model "
+                f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {shown!r})"
             )
 
 
@@ -257,6 +277,11 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
     if complete and not resume:
+        if finished(complete[-1], config["training_args"]["max_steps"]):
+            raise ConfigError(
+                f"{output_dir} holds a finished run ({complete[-1].name} is its last step): set another "
+                "checkpoint.output_dir or delete it (--resume with a larger --max_steps trains it further)"
+            )
         raise ConfigError(
             f"{output_dir} holds checkpoints of an earlier run: pass --resume to continue it, or set "
             "another checkpoint.output_dir"
@@ -298,7 +323,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
     for callback in callbacks:
         trainer.add_callback(callback)
-    if resume_dir is not None and finished(resume_dir):
+    if resume_dir is not None and finished(resume_dir, config["training_args"]["max_steps"]):
         # Trainer would take one more step past max_steps; the run was killed while writing its final model.
         logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)
     else:
@@ -320,6 +345,13 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     from evaluate import answered_turns, evaluate
     from shapes import demo_captions, demo_chance, make_demo
 
+    moved = [o for o in overrides if o.split("=", 1)[0].strip().startswith("checkpoint.")]
+    if moved:  # one --set serves both phases: phase two would write over phase one, or load an older model
+        raise ConfigError(
+            f"--demo writes checkpoints/tiny_p1 and checkpoints/tiny_p2 and does not take {moved[0]!r}: to train "
+            "into other directories, run the phases with training_configs/tiny.yaml and tiny_p2.yaml"
+        )
+
     # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
     torch.set_num_threads(1)
     root = Path(__file__).resolve().parent
@@ -330,7 +362,7 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     figures["make-demo s"] = time.time() - started
     for phase, name in (("one", "tiny.yaml"), ("two", "tiny_p2.yaml")):
         config = load_config(root / "training_configs" / name, overrides, phase=phase)
-        shutil.rmtree(config["checkpoint"]["output_dir"], ignore_errors=True)  # demo outputs only
+        _remove_demo_output(Path(config["checkpoint"]["output_dir"]))
         start = time.time()
         model = run_training(config, phase)
         figures[f"phase {phase} train s"] = time.time() - start
@@ -348,6 +380,16 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     whole = (" s", "images", "answers")  # seconds and counts; the rest are rates
     print("demo: " + ", ".join(f"{k} {v:.0f}" if k.endswith(whole) else f"{k} {v:.3f}" for k, v in figures.items()))
     return figures
+
+
+def _remove_demo_output(directory: Path) -> None:
+    """Delete an earlier demo run's output directory; refuse to delete a directory that is not a training output."""
+    if not directory.exists():
+        return
+    ours = (directory / "config.json").is_file() or any(directory.glob("checkpoint-*")) or not any(directory.iterdir())
+    if not ours:
+        raise ConfigError(f"{directory} holds files that are not a training output: move them, the demo writes there")
+    shutil.rmtree(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +420,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (BadImageError, BadRecordError) as error:  # on_bad_*: error, or a split with nothing usable
+        print(f"error: {_last_line(error)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _last_line(error: Exception) -> str:
+    # An error raised in a DataLoader worker arrives wrapped, its message ending in the worker's traceback, whose
+    # last line is `module.Class: message`.
+    line = str(error).strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return line.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
 
 
 if __name__ == "__main__":

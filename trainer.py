@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from backbones import read_config_file
 from config import ConfigError
+from dataset import BadImageError, BadRecordError
 from generate import generate
 from model import PhiClipMLLM
 
@@ -109,8 +110,16 @@ class ProgressReport(TrainerCallback):
     the epoch's draws at each epoch start; skipped-sample counts at each epoch end."""
 
     def __init__(self, trainer: PhiClipTrainer, val_set, count: int):
-        self.trainer = trainer
-        self.samples = [val_set.sample(i, epoch=0) for i in range(min(count, len(val_set)))] if val_set else []
+        self.trainer, self.samples = trainer, []
+        for index in range(len(val_set) if val_set and count else 0):
+            try:  # the first usable samples: bad images and records are skipped as the val loss skips them
+                sample = val_set[index]
+            except (BadImageError, BadRecordError):  # on_bad_*: error; the evaluation itself will report it
+                break
+            if sample["id"] not in {s["id"] for s in self.samples}:
+                self.samples.append(sample)
+            if len(self.samples) == count:
+                break
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # accelerate's sharded loader (several processes) does not pass the epoch on to the dataset, whose
@@ -173,9 +182,12 @@ def train_with_progress(trainer: Trainer, stage: str, **train_kwargs) -> None:
         trainer.train(**train_kwargs)
 
 
-def finished(checkpoint: Path) -> bool:
+def finished(checkpoint: Path, max_steps: int = -1) -> bool:
+    """Whether `checkpoint` is the last step: of `max_steps` when given (> 0; a resume may extend a run), else of
+    the run that wrote it."""
     state = read_config_file(checkpoint / "trainer_state.json", "Trainer state")
-    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+    last = max_steps if max_steps > 0 else state.get("max_steps", 0)
+    return 0 < last <= state.get("global_step", 0)
 
 
 @contextlib.contextmanager

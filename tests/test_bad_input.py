@@ -1,0 +1,194 @@
+"""What a user's mistakes and odd data get: one `error:` line naming the problem, or the bad part skipped; nothing
+a user owns is deleted, and a run continues where asked. (Found by trying the commands as a user would.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import phase_two_config, tiny_config, write
+
+import dataset as D
+import train
+from config import ConfigError
+from shapes import make_demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("demo")
+    make_demo(directory, n=364, conversations=210)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        status = train.main(argv)
+    except SystemExit as exit:  # argparse's errors exit from inside main
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def one_line_error(status: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+def test_demo_never_deletes_a_directory_the_user_names(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    status, err = run(["--demo", "--set", f"checkpoint.output_dir={precious}"], capsys)
+    assert "does not take 'checkpoint.output_dir=" in one_line_error(status, err)
+    with pytest.raises(ConfigError, match="not a training output"):
+        train._remove_demo_output(precious)
+    assert (precious / "notes.txt").read_text() == "mine"
+    for leftover in ("empty", "run"):  # an earlier demo's output (or an empty directory) is replaced
+        (tmp_path / leftover).mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    for leftover in ("empty", "run"):
+        train._remove_demo_output(tmp_path / leftover)
+        assert not (tmp_path / leftover).exists()
+
+
+# -------------------------------------------------------------------------------------------------- training
+def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, demo_dir, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    val = json.loads((demo_dir / "captions_val.json").read_text())
+    first = val["images"][0]["file_name"]
+    (tmp_path / "images").mkdir()
+    for image in val["images"][:8]:
+        shutil.copy(demo_dir / "images" / image["file_name"], tmp_path / "images")
+    (tmp_path / "images" / first).write_bytes(b"not an image")
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["val"] = {"format": "coco", "annotation_file": str(demo_dir / "captions_val.json")}
+    config["data"]["val"].update(image_directory=str(tmp_path / "images"), max_samples=8)
+    config["training_args"].update(max_steps=1, eval_steps=1)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+    assert "skipping bad image" in caplog.text and first in caplog.text
+    assert "step 1 caption" in caplog.text  # the report went on with the next usable images
+
+
+def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir, capsys):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
+    path = str(write(tmp_path / "one.yaml", config))
+    assert train.main(["--phase_one", "--config", path]) == 0
+    status, err = run(["--phase_one", "--config", path], capsys)
+    assert "holds a finished run (checkpoint-2 is its last step)" in one_line_error(status, err)
+    assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "4"]) == 0
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
+
+    # Phase two on it: the loaded model keeps its tokenizer and architecture, and says so in the user's terms.
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(demo_dir / "tokenizer", other)
+    for model_section, expected in (
+        ({"tokenizer": str(other)}, f"model.tokenizer is {str(other)!r} in the config but"),
+        ({"vision_feature_layer": -2}, "model.vision_feature_layer is -2 in the config but -1 in"),
+    ):
+        two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=1)
+        two["model"] = model_section
+        status, err = run(["--config", str(write(tmp_path / "two.yaml", two))], capsys)
+        assert expected in one_line_error(status, err)
+
+
+@pytest.mark.parametrize(
+    "backbone, change, expected",
+    [
+        ("text_model", {"hidden_size": "abc"}, "model.text_model: not a valid 'phi3' config"),
+        ("vision_model", {"model_type": "clip"}, "model.vision_model.model_type is 'clip'; expected clip_vision_model"),
+        ("text_model", {"num_attention_heads": 3}, "hidden_size 64 is not a multiple of num_attention_heads 3"),
+        ("text_model", {"vocab_size": 100}, "model.text_model.vocab_size=100 is smaller than the tokenizer"),
+    ],
+)
+def test_bad_inline_backbone_configs_are_one_line_errors(tmp_path, demo_dir, capsys, backbone, change, expected):
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["model"][backbone].update(change)
+    status, err = run(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))], capsys)
+    assert expected in one_line_error(status, err)
+
+
+def test_data_errors_met_during_training_are_one_line_errors(tmp_path, demo_dir, capsys):
+    annotations = json.loads((demo_dir / "captions_train.json").read_text())
+    bad = annotations["images"][0]["file_name"]
+    (tmp_path / "images").mkdir()
+    for image in annotations["images"]:
+        shutil.copy(demo_dir / "images" / image["file_name"], tmp_path / "images")
+    (tmp_path / "images" / bad).write_bytes(b"not an image")
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["train"]["image_directory"] = str(tmp_path / "images")
+    config["data"].update(on_bad_image="error", num_workers=1, val=None)  # raised in a DataLoader worker
+    status, err = run(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))], capsys)
+    assert f"{bad}: cannot be decoded as an image" in one_line_error(status, err)
+
+    config = tiny_config(demo_dir, tmp_path / "out2")
+    config["model"]["max_length"] = 12  # shorter than every sample (16 image tokens alone)
+    config["data"]["val"] = None
+    status, err = run(["--phase_one", "--config", str(write(tmp_path / "c2.yaml", config))], capsys)
+    line = one_line_error(status, err)
+    assert "consecutive samples are unusable (0 bad image(s), 51 bad record(s); the last:" in line
+    assert "max_length" in line
+
+
+# ------------------------------------------------------------------------------------------------ config file
+def test_unreadable_config_text_and_bad_set_values_are_one_line_errors(tmp_path, demo_dir, capsys, monkeypatch):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"dtype: float32\n# caf\xe9\n")
+    status, err = run(["--phase_one", "--config", str(latin1)], capsys)
+    assert f"{latin1}: not UTF-8 text" in one_line_error(status, err)
+    path = str(write(tmp_path / "c.yaml", tiny_config(demo_dir, tmp_path / "out")))
+    status, err = run(["--phase_one", "--config", path, "--set", "training_args.batch_size=[1"], capsys)
+    assert "--set 'training_args.batch_size=[1': the value is not valid YAML" in one_line_error(status, err)
+    status, err = run(["--phase_one", "--config", path, "--dry_run", "--gpu_memory_gb", "-5"], capsys)
+    assert "--gpu_memory_gb: expected a positive number of GB, got '-5'" in one_line_error(status, err)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    status, err = run(["--phase_one", "--config", path, "--set", "training_args.report_to=[wandb]"], capsys)
+    assert "training_args.report_to names wandb, which is not installed" in one_line_error(status, err)
+
+
+def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_path, demo_dir, capsys):
+    two = phase_two_config(demo_dir, tmp_path / "not_yet", tmp_path / "p2")
+    two["model"] = {"max_length": 64}
+    assert train.main(["--config", str(write(tmp_path / "two.yaml", two)), "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: checkpoint.load_dir {str(tmp_path / 'not_yet')!r} holds no phase-one model yet" in out
+
+
+# ------------------------------------------------------------------------------------------------------ LLaVA
+def test_llava_answers_that_are_empty_or_hold_an_image_are_excluded(tmp_path, caplog):
+    image = {"image": "x.png"}
+    entries = [
+        {
+            "id": "ok",
+            **image,
+            "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}],
+        },
+        {"id": "empty", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": " "}]},
+        {
+            "id": "pic",
+            **image,
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image> a"}],
+        },
+    ]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(b"")
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    records = D.read_llava(tmp_path / "llava.json", tmp_path / "images")
+    assert [r.id for r in records] == ["ok"]
+    assert "conversations with an empty gpt answer (e.g. id empty)" in caplog.text
+    assert "<image> in a gpt turn" in caplog.text and "id pic" in caplog.text
