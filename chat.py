@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import IMAGE_TOKEN, CommandLine, fail
+from config import IMAGE_TOKEN, CommandLine, ConfigError, fail
 
 COMMANDS_HELP = "/image PATH  attach an image · /reset  new conversation · /quit  leave"
 
@@ -62,7 +62,8 @@ from collections.abc import Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from model import PhiClipMLLM, generate
+from generate import choose_device
+from model import CheckpointError, PhiClipMLLM, generate
 from processor import BadImageError, load_image
 
 
@@ -223,9 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the checkpoint, then chat on stdin/stdout."""
     args = command_line().parse_args(argv)
     check_arguments(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    device = choose_device(args.device)
     conversation = Conversation()
     if args.image:
         try:
@@ -233,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         except BadImageError as error:
             fail(str(error))
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    try:
+        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # as generate.py and evaluate.py
+        fail(str(error))
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} · {COMMANDS_HELP}", file=sys.stderr)
     options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, fail
+from config import CommandLine, ConfigError, fail
 
 DEMO_IMAGES = Path("data/demo/images")  # written by `python train.py --demo`
 TITLE = "PhiClipMLLM"
@@ -65,7 +65,8 @@ import gradio as gr
 import torch
 
 from chat import Conversation, StreamedReply, sampling_options
-from model import PhiClipMLLM
+from generate import choose_device
+from model import CheckpointError, PhiClipMLLM
 from processor import BadImageError, load_image
 
 
@@ -143,14 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: load the checkpoint and serve the page until interrupted."""
     args = command_line().parse_args(argv)
     check_arguments(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    device = choose_device(args.device)
     examples = [str(Path(p).expanduser()) for p in args.example]
     if not examples and DEMO_IMAGES.is_dir():
         examples = [str(p) for p in sorted(DEMO_IMAGES.glob("*.png"))[:4]]
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    try:
+        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # as generate.py: the message names the file
+        fail(str(error))
     demo = build_demo(model, examples, args.max_new_tokens)
     demo.queue().launch(
         server_name=args.host,

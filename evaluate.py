@@ -4,7 +4,9 @@
 
 Prints one JSON object: val_loss and perplexity; for captioned images exact_match, bleu4 and cider; for
 conversations (LLaVA format) answer_accuracy, the exact match of each answered turn given the turns before it. Writes
-the generated captions in COCO results format (``[{"image_id": ..., "caption": ...}]``) and the answers beside them.
+the generated captions in COCO results format (``[{"image_id": ..., "caption": ...}]``), the answers and the metrics:
+into the checkpoint (captions_SPLIT.json, answers_SPLIT.json, metrics_SPLIT.json), or all beside --output FILE
+(FILE, FILE's name + _answers.json, + _metrics.json).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         default=None,
-        help="COCO results JSON (default: CHECKPOINT/captions_SPLIT.json; answers go to answers_SPLIT.json)",
+        metavar="FILE",
+        help="the captions' COCO results JSON; the answers and metrics go beside it, named after it "
+        "(--output out/p2.json: out/p2.json, out/p2_answers.json, out/p2_metrics.json). Default: "
+        "CHECKPOINT/captions_SPLIT.json, answers_SPLIT.json and metrics_SPLIT.json",
     )
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     return parser
@@ -46,6 +51,12 @@ def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, d
         value = getattr(args, name)
         if value is not None and value <= 0:
             fail(f"--{name} must be positive, got {value}")
+    if args.output is not None:  # checked now, not after the whole evaluation has run
+        output = Path(args.output).expanduser()
+        if output.is_dir():
+            fail(f"--output {args.output}: is a directory; give a file name, e.g. {output / 'results.json'}")
+        if not output.parent.is_dir():
+            fail(f"--output {args.output}: no such directory {str(output.parent)!r}; create it first")
     try:
         config = load_config(args.config, splits=(args.split,))  # only the evaluated split's files must exist
     except ConfigError as error:
@@ -69,7 +80,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
-from generate import generate
+from generate import choose_device, generate
 from model import CheckpointError, PhiClipMLLM
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -206,36 +217,44 @@ def evaluate(
     return metrics, results
 
 
+def result_files(checkpoint: Path, split: str, output: str | None) -> dict[str, Path]:
+    """Where the captions, answers and metrics go: into the checkpoint, or all beside `output`, named after it."""
+    if output is None:
+        return {kind: checkpoint / f"{kind}_{split}.json" for kind in ("captions", "answers", "metrics")}
+    output = Path(output).expanduser()
+    return {
+        "captions": output,
+        "answers": output.with_name(f"{output.stem}_answers.json"),
+        "metrics": output.with_name(f"{output.stem}_metrics.json"),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the metrics as JSON and write the generated captions."""
     args, config = read_arguments(argv)
+    device = choose_device(args.device)
     try:
         dataset = make_dataset(config["data"][args.split], seed=config["seed"])
     except (ValueError, FileNotFoundError) as error:
         fail(f"{args.config}: data.{args.split}: {error}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
     try:
         model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         fail(str(error))
     dataset.attach(model.processor)  # a sample too long for max_length is skipped and counted, as in training
     metrics, results = evaluate(
         model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
     )
-    checkpoint = Path(args.checkpoint).expanduser()
+    files = result_files(Path(args.checkpoint).expanduser(), args.split, args.output)
     if results["captions"]:
-        output = Path(args.output or checkpoint / f"captions_{args.split}.json")
-        output.write_text(json.dumps(results["captions"], indent=1) + "\n")
-        metrics["results_file"] = str(output)
+        files["captions"].write_text(json.dumps(results["captions"], indent=1) + "\n")
+        metrics["results_file"] = str(files["captions"])
     if results["answers"]:
-        answers = checkpoint / f"answers_{args.split}.json"
-        answers.write_text(json.dumps(results["answers"], indent=1) + "\n")
-        metrics["answers_file"] = str(answers)
-    # Kept beside the model too: export.py's model card quotes the figures.
-    (checkpoint / f"metrics_{args.split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        files["answers"].write_text(json.dumps(results["answers"], indent=1) + "\n")
+        metrics["answers_file"] = str(files["answers"])
+    # In the checkpoint by default, where export.py's model card quotes the figures.
+    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
 
 

@@ -17,7 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-from config import DTYPE_NAMES, IMAGE_TOKEN, CommandLine, ConfigError, backbone_architecture, fail, load_config
+from config import (
+    DTYPE_NAMES,
+    IMAGE_TOKEN,
+    CommandLine,
+    ConfigError,
+    backbone_architecture,
+    data_sources,
+    fail,
+    load_config,
+)
 
 FORMATS = ("llava", "phiclip")
 
@@ -324,14 +333,17 @@ def export_llava(
     del model
     llava = llava.to(dtype)
     llava.generation_config = generation
+    card = model_card(recipe, llava.config, dtype, training_config, Path(checkpoint), str(out))  # before any write
     staging = out.with_name(out.name + ".incomplete")
     shutil.rmtree(staging, ignore_errors=True)
-    with quiet_loading():
-        llava.save_pretrained(staging, max_shard_size=max_shard_size)
-        processor.save_pretrained(staging)
-    (staging / "README.md").write_text(
-        model_card(recipe, llava.config, dtype, training_config, Path(checkpoint), str(out))
-    )
+    try:
+        with quiet_loading():
+            llava.save_pretrained(staging, max_shard_size=max_shard_size)
+            processor.save_pretrained(staging)
+        (staging / "README.md").write_text(card)
+    except BaseException:  # a full disk or Ctrl-C: leave no half-written directory beside --out
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()  # checked empty
     staging.rename(out)
@@ -420,8 +432,7 @@ def _training_lines(path: str) -> list[str]:
     args = config["training_args"]
     lines = ["", f"## Training ({Path(path).name})", ""]
     for split in ("train", "val"):
-        source = config["data"][split]
-        if source:
+        for source in data_sources(config["data"][split]):  # one source, or a list mixed into one set
             where = source.get("annotation_file") or source.get("data_dir")
             lines.append(f"- {split} data: {source['format']} `{where}`")
     length = f"{args['max_steps']} steps" if args["max_steps"] > 0 else f"{args['num_train_epochs']:g} epoch(s)"
@@ -448,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
                 check=not args.no_check,
                 training_config=args.config,
             )
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:  # as generate.py: a LoRA directory the checkpoint lacks
         fail(str(error))
     print(out)
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import IMAGE_TOKEN, CommandLine, fail
+from config import IMAGE_TOKEN, CommandLine, ConfigError, fail
 
 DEFAULT_PROMPT = f"Describe this image. {IMAGE_TOKEN}"  # one of the instructions training draws from
 
@@ -48,18 +48,34 @@ from model import CheckpointError, PhiClipMLLM, generate  # generate() lives wit
 from processor import BadImageError  # generate` works, as in the original); this file is its command line
 
 
+def choose_device(argument: str | None) -> str:
+    """The device `--device` names (default: cuda when available), or one `error:` line when it cannot be used here.
+
+    Shared by generate.py, chat.py and evaluate.py, so that a typo fails before a model loads, not in `.to(device)`.
+    """
+    if argument is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(argument)
+    except RuntimeError:  # torch's own message lists twenty device types and names no option
+        fail(f"--device {argument!r}: not a device; expected cpu, cuda or cuda:N (N: a GPU's index), or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {argument}: no CUDA device is available here (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        fail(f"--device {argument}: this machine has {torch.cuda.device_count()} GPU(s), numbered from cuda:0")
+    return argument
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the model's reply about one image."""
     args = command_line().parse_args(argv)
     check_arguments(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA device is available here (use --device cpu)")
+    device = choose_device(args.device)
     prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
     try:
         model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (CheckpointError, FileNotFoundError) as error:
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
         fail(str(error))
     streamer = None
     if args.stream:

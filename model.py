@@ -507,7 +507,13 @@ def generate(
     `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
     `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
     A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
+    No prompts, no replies: an empty list gives [].
     """
+    if isinstance(prompts, (list, tuple)) and not prompts:  # an empty batch (a filter kept nothing) is no error
+        given = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
+        if given:
+            raise ValueError(f"0 prompts but {given} images: give one image (or list) per prompt")
+        return []
     was_training = model.training
     model.eval()
     if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, random_image
 
+import chat as chat_cli
 from chat import Conversation, StreamedReply, sampling_options
 from model import IMAGE_TOKEN, generate
 
@@ -124,6 +126,44 @@ def test_bad_input_is_one_error_line(tmp_path, argv, expected):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert expected in lines[0], result.stderr
+
+
+def _remove_adapter(checkpoint):
+    (checkpoint / "adapter.safetensors").unlink()
+
+
+def _truncate_adapter(checkpoint):
+    adapter = checkpoint / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+
+
+def _corrupt_config(checkpoint):
+    (checkpoint / "config.json").write_text('{"text_model": ')
+
+
+def _record_missing_lora(checkpoint):
+    values = json.loads((checkpoint / "config.json").read_text())
+    values["lora_text"] = {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj"]}  # but no lora_text/ beside it
+    (checkpoint / "config.json").write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_remove_adapter, "ckpt: checkpoint is incomplete, adapter.safetensors is missing"),
+        (_truncate_adapter, "ckpt/adapter.safetensors: cannot be read as safetensors (truncated or corrupt?)"),
+        (_corrupt_config, "ckpt/config.json: not a readable PhiClipMLLM config.json"),
+        (_record_missing_lora, "ckpt/lora_text: LoRA adapter missing (config.json records lora_text)"),
+    ],
+)
+def test_a_broken_checkpoint_is_one_error_line(make_model, tmp_path, capsys, damage, expected):
+    checkpoint = make_model().save_pretrained(tmp_path / "ckpt")
+    damage(checkpoint)
+    with pytest.raises(SystemExit) as exited:
+        chat_cli.main(["--checkpoint", str(checkpoint), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert expected in lines[0], lines
 
 
 @pytest.mark.slow

@@ -84,6 +84,54 @@ def test_evaluate_cli_reports_answer_accuracy_per_turn_on_a_llava_file(make_mode
     assert "exact_match" not in metrics and not (checkpoint / "captions_val.json").exists()
 
 
+def test_evaluate_output_puts_every_result_file_beside_it(make_model, tmp_path, capsys):
+    import evaluate as evaluate_cli
+
+    (tmp_path / "images").mkdir()
+    for image_id in (1, 2):
+        random_image(image_id).save(tmp_path / "images" / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in (1, 2)],
+        "annotations": [{"id": i, "image_id": i, "caption": "a red circle"} for i in (1, 2)],
+    }
+    talk = [{"id": 0, "conversations": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "hello"}]}]
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    (tmp_path / "talk.json").write_text(json.dumps(talk))
+    sources = [
+        {
+            "format": "coco",
+            "annotation_file": str(tmp_path / "captions.json"),
+            "image_directory": str(tmp_path / "images"),
+        },
+        {"format": "llava", "annotation_file": str(tmp_path / "talk.json")},
+    ]
+    config = {"checkpoint": {"output_dir": str(tmp_path / "unused")}, "data": {"val": sources, "num_workers": 0}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    checkpoint = make_model().save_pretrained(tmp_path / "model")
+    before = sorted(path.name for path in checkpoint.iterdir())
+    results = tmp_path / "results"
+    results.mkdir()
+    arguments = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "eval.yaml")]
+    evaluate_cli.main([*arguments, "--output", str(results / "p2.json"), "--max_new_tokens", "2"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert sorted(path.name for path in results.iterdir()) == ["p2.json", "p2_answers.json", "p2_metrics.json"]
+    assert sorted(path.name for path in checkpoint.iterdir()) == before  # nothing written into the checkpoint
+    assert [entry["image_id"] for entry in json.loads((results / "p2.json").read_text())] == [1, 2]
+    assert [answer["reference"] for answer in json.loads((results / "p2_answers.json").read_text())] == ["hello"]
+    assert json.loads((results / "p2_metrics.json").read_text()) == metrics
+    assert (metrics["results_file"], metrics["answers_file"]) == (
+        str(results / "p2.json"),
+        str(results / "p2_answers.json"),
+    )
+
+
+def test_generate_of_no_prompts_is_no_replies(make_model):
+    model = make_model()
+    assert generate(model, [], []) == [] and generate(model, []) == []
+    with pytest.raises(ValueError, match=r"^0 prompts but 1 images: give one image \(or list\) per prompt$"):
+        generate(model, [], [random_image(0)])
+
+
 def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")

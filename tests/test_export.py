@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 from conftest import PHI3_TOKENIZER, ROOT, TINY_TEXT, random_image, require_shared, tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+import export
 from export import export_llava, export_merged, unsupported_by_llava
 from model import IMAGE_TOKEN, PhiClipMLLM, generate
 
@@ -210,7 +212,13 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
     (checkpoint / "metrics_val.json").write_text(json.dumps({"exact_match": 0.625, "images": 8, "results_file": "x"}))
     training = {
         "checkpoint": {"output_dir": "out", "load_dir": "p1"},
-        "data": {"train": {"format": "coco", "annotation_file": "captions.json", "image_directory": "images"}},
+        "data": {  # train: a list of sources mixed into one set (as tiny_p2.yaml); val: one source
+            "train": [
+                {"format": "coco", "annotation_file": "captions.json", "image_directory": "images"},
+                {"format": "llava", "annotation_file": "talk.json", "image_directory": "images"},
+            ],
+            "val": {"format": "cc_sbu_align", "data_dir": "cc_sbu"},
+        },
         "training_args": {"max_steps": 600, "learning_rate": 2e-4},
         "peft_text": {"r": 4, "target_modules": ["qkv_proj"]},
     }
@@ -230,7 +238,10 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
     assert len(shards) > 1 and (tmp_path / "llava" / "model.safetensors.index.json").is_file()
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").dtype == torch.float32
     card = (tmp_path / "llava" / "README.md").read_text()
-    assert "- val: exact_match 0.625, images 8" in card and "train data: coco `captions.json`" in card
+    assert "- val: exact_match 0.625, images 8" in card
+    assert (
+        "- train data: coco `captions.json`\n- train data: llava `talk.json`\n- val data: cc_sbu_align `cc_sbu`" in card
+    )
     assert "600 steps" in card
 
     values = json.loads((checkpoint / "config.json").read_text())
@@ -255,6 +266,18 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
     )
     assert result.returncode == 2 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
     assert "model.normalize: true" in result.stderr and "--format phiclip --merge" in result.stderr
+
+
+@pytest.mark.parametrize("format_", [["--format", "llava"], ["--format", "phiclip", "--merge"]])
+def test_a_missing_lora_directory_is_one_error_line(tiny_tokenizer_dir, tmp_path, capsys, format_):
+    checkpoint = phase_two_checkpoint(tiny_tokenizer_dir, tmp_path / "p2")
+    shutil.rmtree(checkpoint / "lora_vision")
+    with pytest.raises(SystemExit) as exited:
+        export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), *format_])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: {checkpoint}/lora_vision: LoRA adapter missing (config.json records lora_vision)"
+    assert not (tmp_path / "out").exists()
 
 
 def test_merged_phiclip_export_is_standalone_and_equal(tiny_tokenizer_dir, tmp_path):
