@@ -32,11 +32,12 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
 
 from bench_pair import REAL_TEXT, REAL_VISION, TINY_TEXT, TINY_VISION
-from config import IMAGE_TOKEN, load_config, torch_dtype
+from config import IMAGE_TOKEN, torch_dtype
 from dry_run import ANSWER_TOKENS, build_meta_model, memory_breakdown
 from model import PhiClipMLLM, quiet_loading
 from processor import build_word_tokenizer, image_processor_class
 from train import build_model
+from training_config import load_config
 
 ROOT = Path(__file__).resolve().parent
 # The 8 GB recipe first: its figures are the point, and a run cut short should still have them.

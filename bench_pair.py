@@ -329,7 +329,7 @@ def make_step(model, batch: dict, config: dict | None = None):
 
 
 def _default_config(dtype: str) -> dict:
-    from config import load_config
+    from training_config import load_config
 
     directory = Path(tempfile.gettempdir()) / "phiclip-bench"
     directory.mkdir(exist_ok=True)
@@ -382,8 +382,8 @@ def trainer_against_bench(config_path: Path, steps: int, warmup: int, overrides=
     timed steps does not move it. `overrides` are train.py `--set` values (e.g. training_args.torch_compile=true).
     """
     import train
-    from config import load_config
     from dataset import Collator, make_dataset
+    from training_config import load_config
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else lambda: None

@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, ConfigError, fail, load_config
+from config import CommandLine, ConfigError, fail
+from training_config import load_config
 
 
 def command_line() -> argparse.ArgumentParser:

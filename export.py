@@ -17,16 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from config import (
-    DTYPE_NAMES,
-    IMAGE_TOKEN,
-    CommandLine,
-    ConfigError,
-    backbone_architecture,
-    data_sources,
-    fail,
-    load_config,
-)
+from config import DTYPE_NAMES, IMAGE_TOKEN, CommandLine, ConfigError, backbone_architecture, fail
+from training_config import data_sources, load_config
 
 FORMATS = ("llava", "phiclip")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import CommandLine, ConfigError, backbone_architecture, load_config, torch_dtype
+from config import CommandLine, ConfigError, backbone_architecture, torch_dtype
+from training_config import load_config
 
 
 def command_line() -> argparse.ArgumentParser:

@@ -16,12 +16,12 @@ from conftest import random_image
 from test_model import ANSWERS, PROMPTS
 from test_train import tiny_config, write
 
-import config as config_module
 import train
+import training_config
 from backbones import use_liger_kernels
 from shapes import make_demo
 
-LIGER_INSTALLED = config_module.installed("liger_kernel")
+LIGER_INSTALLED = training_config.installed("liger_kernel")
 # LoRA on the linear layers around every fused kernel, so each sits on a gradient path; random B (not zeros), so
 # every LoRA weight has a gradient at the first step.
 TEXT_LORA = {"r": 4, "target_modules": ["qkv_proj", "gate_up_proj", "down_proj"], "init_lora_weights": False}
@@ -55,7 +55,7 @@ def test_missing_liger_is_one_line_error_naming_the_key(tmp_path, demo_dir, monk
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
 def test_liger_without_a_gpu_is_one_line_error(tmp_path, demo_dir, monkeypatch, capsys):
-    monkeypatch.setattr(config_module, "installed", lambda module: True)  # past the install check, with or without it
+    monkeypatch.setattr(training_config, "installed", lambda module: True)  # past the install check, with or without it
     path = write(tmp_path / "liger.yaml", liger_config(demo_dir, tmp_path / "out"))
     assert train.main(["--phase_one", "--config", str(path)]) == 2
     message = capsys.readouterr().err

@@ -30,9 +30,10 @@ import bench_lowmem
 import dry_run
 import quantization
 import train
-from config import ConfigError, bitsandbytes_installed, load_config
+from config import ConfigError, bitsandbytes_installed
 from model import IMAGE_TOKEN, PhiClipMLLM
 from shapes import make_demo
+from training_config import load_config
 
 CONFIGS = ROOT / "training_configs"
 LORA_TEXT = {"r": 8, "lora_alpha": 16, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}

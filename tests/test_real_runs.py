@@ -25,10 +25,11 @@ import dataset as D
 import train
 import trainer
 from backbones import CheckpointError
-from config import ConfigError, load_config
+from config import ConfigError
 from model import PhiClipMLLM
 from processor import BadImageError, load_image
 from shapes import make_demo
+from training_config import load_config
 
 ONE_THREAD = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
 
