@@ -514,8 +514,7 @@ def generate(
         if given:
             raise ValueError(f"0 prompts but {given} images: give one image (or list) per prompt")
         return []
-    was_training = model.training
-    model.eval()
+    # The processor refuses bad input (an image that cannot be read) before the model's mode is touched.
     if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
         batch = model.processor(
             conversations=list(prompts), images=images, padding_side="left", add_generation_prompt=True
@@ -523,22 +522,26 @@ def generate(
     else:
         batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
     device = model.text_model.get_input_embeddings().weight.device
-    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    pixel_values = batch.get("pixel_values")
-    embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-    output_ids = model.text_model.generate(
-        inputs_embeds=embeddings,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        repetition_penalty=repetition_penalty,
-        num_return_sequences=num_return_sequences,
-        eos_token_id=model.processor.stop_token_ids,
-        pad_token_id=model.processor.pad_token_id,
-        streamer=streamer,
-        **sampling,
-    )
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        pixel_values = batch.get("pixel_values")
+        embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        output_ids = model.text_model.generate(
+            inputs_embeds=embeddings,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            repetition_penalty=repetition_penalty,
+            num_return_sequences=num_return_sequences,
+            eos_token_id=model.processor.stop_token_ids,
+            pad_token_id=model.processor.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    finally:
+        model.train(was_training)
     # Given only embeddings, the LM returns only the new tokens.
     return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]

@@ -16,6 +16,7 @@ from test_train import phase_two_config, tiny_config, write
 import dataset as D
 import train
 from config import ConfigError
+from generate import generate
 from shapes import make_demo
 
 
@@ -192,3 +193,12 @@ def test_llava_answers_that_are_empty_or_hold_an_image_are_excluded(tmp_path, ca
     assert [r.id for r in records] == ["ok"]
     assert "conversations with an empty gpt answer (e.g. id empty)" in caplog.text
     assert "<image> in a gpt turn" in caplog.text and "id pic" in caplog.text
+
+
+def test_generate_leaves_a_training_model_training_whatever_happens(make_model, tmp_path):
+    model = make_model().train()
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(D.BadImageError, match="bad.png"):
+        generate(model, [f"Describe this image. {D.IMAGE_TOKEN}"], [tmp_path / "bad.png"])
+    assert model.training
+    assert isinstance(generate(model, ["Hello"], max_new_tokens=2)[0], str) and model.training
