@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from dataset import build_word_tokenizer  # noqa: E402
 from model import PhiClipConfig, PhiClipMLLM  # noqa: E402
+from shapes import make_demo  # noqa: E402
 
 hf_logging.disable_progress_bar()  # keep test logs readable
 
@@ -98,3 +99,21 @@ def make_model(tiny_tokenizer_dir):
 def random_image(seed: int, size: int = 64) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and one stalls whenever the other core is busy
+    (`pytestmark = pytest.mark.usefixtures("one_thread")` in the modules that train)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small shapes demo set: 64 training images, 300 val (10 + 200 conversations), tokenizer/."""
+    directory = tmp_path_factory.mktemp("demo")
+    make_demo(directory, n=364, conversations=210)
+    return directory

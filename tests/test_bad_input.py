@@ -7,32 +7,16 @@ import json
 import logging
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from test_train import phase_two_config, tiny_config, write
 
 import dataset as D
 import train
 from config import ConfigError
 from generate import generate
-from shapes import make_demo
 
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364, conversations=210)
-    return directory
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:

@@ -32,27 +32,13 @@ import quantization
 import train
 from config import ConfigError, bitsandbytes_installed
 from model import IMAGE_TOKEN, PhiClipMLLM
-from shapes import make_demo
 from training_config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = ROOT / "training_configs"
 LORA_TEXT = {"r": 8, "lora_alpha": 16, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 QUANTIZED_CLASSES = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
-    return directory
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def require_cpu_quantization(mode: str) -> None:

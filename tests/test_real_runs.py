@@ -28,25 +28,11 @@ from backbones import CheckpointError
 from config import ConfigError
 from model import PhiClipMLLM
 from processor import BadImageError, load_image
-from shapes import make_demo
 from training_config import load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ONE_THREAD = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import ROOT, SHARED_DATA, TINY_TEXT, TINY_VISION
 from safetensors.torch import load_file
@@ -22,26 +21,11 @@ import dry_run
 import train
 from generate import generate
 from model import PhiClipMLLM
-from shapes import make_demo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = ROOT / "training_configs"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and one stalls whenever the other core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("demo")
-    make_demo(directory, n=364, conversations=210)  # 64 train images, 300 val (10 + 200 conversations)
-    return directory
 
 
 def tiny_config(demo_dir: Path, out: Path, **sections) -> dict:
