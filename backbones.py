@@ -168,7 +168,7 @@ def inline_config(key: str, values: dict):
     if config.model_type not in wanted:
         raise ConfigError(f"model.{key}.model_type is {config.model_type!r}; expected {expected}")
     heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    if heads and width and width % heads:
+    if heads and width and width % heads and "head_dim" not in values:  # else the heads' width is derived from it
         raise ConfigError(f"model.{key}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
     return config
 
