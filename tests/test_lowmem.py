@@ -269,7 +269,7 @@ def test_quantized_runs_checkpoint_adapter_and_lora_only_and_merge_dequantizes(t
         f"adapter.safetensors:{k}" for k in ("layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias")
     }
     assert json.loads((tmp_path / "p1" / "config.json").read_text())["quantize"] == "4bit"
-    states = torch.load(tmp_path / "p1" / "checkpoint-2" / "optimizer.pt", weights_only=False)["state"]
+    states = torch.load(tmp_path / "p1" / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
     assert torch.uint8 in {tensor.dtype for tensor in _tensors(states)}  # 8-bit AdamW states
     reloaded = PhiClipMLLM.from_pretrained(tmp_path / "p1")
     assert any(type(p).__name__ == "Params4bit" for p in reloaded.text_model.parameters())  # quantised again
