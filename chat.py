@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import IMAGE_TOKEN, CommandLine, ConfigError, fail
+from config import IMAGE_TOKEN, CommandLine, fail
 
 COMMANDS_HELP = "/image PATH  attach an image · /reset  new conversation · /quit  leave"
 
@@ -62,8 +62,8 @@ from collections.abc import Iterator
 import torch
 from transformers import TextIteratorStreamer
 
-from generate import choose_device
-from model import CheckpointError, PhiClipMLLM, generate
+from generate import choose_device, load_checkpoint
+from model import PhiClipMLLM, generate
 from processor import BadImageError, load_image
 
 
@@ -231,11 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             conversation.attach(load_image(Path(args.image).expanduser()))
         except BadImageError as error:
             fail(str(error))
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    try:
-        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # as generate.py and evaluate.py
-        fail(str(error))
+    model = load_checkpoint(args.checkpoint, device)
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} · {COMMANDS_HELP}", file=sys.stderr)
     options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)

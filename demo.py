@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, ConfigError, fail
+from config import CommandLine, fail
 
 DEMO_IMAGES = Path("data/demo/images")  # written by `python train.py --demo`
 TITLE = "PhiClipMLLM"
@@ -62,11 +62,10 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page reports nothing anywhere
 
 import gradio as gr
-import torch
 
 from chat import Conversation, StreamedReply, sampling_options
-from generate import choose_device
-from model import CheckpointError, PhiClipMLLM
+from generate import choose_device, load_checkpoint
+from model import PhiClipMLLM
 from processor import BadImageError, load_image
 
 
@@ -148,11 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = [str(Path(p).expanduser()) for p in args.example]
     if not examples and DEMO_IMAGES.is_dir():
         examples = [str(p) for p in sorted(DEMO_IMAGES.glob("*.png"))[:4]]
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    try:
-        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # as generate.py: the message names the file
-        fail(str(error))
+    model = load_checkpoint(args.checkpoint, device)
     demo = build_demo(model, examples, args.max_new_tokens)
     demo.queue().launch(
         server_name=args.host,

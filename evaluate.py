@@ -81,8 +81,8 @@ import torch
 from tqdm import tqdm
 
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
-from generate import choose_device, generate
-from model import CheckpointError, PhiClipMLLM
+from generate import choose_device, generate, load_checkpoint
+from model import PhiClipMLLM
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -238,11 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = make_dataset(config["data"][args.split], seed=config["seed"])
     except (ValueError, FileNotFoundError) as error:
         fail(f"{args.config}: data.{args.split}: {error}")
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    try:
-        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        fail(str(error))
+    model = load_checkpoint(args.checkpoint, device)
     dataset.attach(model.processor)  # a sample too long for max_length is skipped and counted, as in training
     metrics, results = evaluate(
         model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]

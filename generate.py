@@ -66,17 +66,22 @@ def choose_device(argument: str | None) -> str:
     return argument
 
 
+def load_checkpoint(checkpoint: str, device: str) -> PhiClipMLLM:
+    """The checkpoint on `device` (bf16 on a GPU that has it), or one `error:` line naming what is wrong with it."""
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
+    try:
+        return PhiClipMLLM.from_pretrained(Path(checkpoint).expanduser(), dtype=dtype, device=device)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        fail(str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the model's reply about one image."""
     args = command_line().parse_args(argv)
     check_arguments(args)
     device = choose_device(args.device)
     prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
-    try:
-        model = PhiClipMLLM.from_pretrained(Path(args.checkpoint).expanduser(), dtype=dtype, device=device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        fail(str(error))
+    model = load_checkpoint(args.checkpoint, device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer
