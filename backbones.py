@@ -8,6 +8,8 @@ of a backbone loaded by name, and turns a broken file into an error that names i
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import json
 import logging
 import warnings
@@ -167,10 +169,32 @@ def inline_config(key: str, values: dict):
     wanted = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if key == "text_model" else {"clip_vision_model": None}
     if config.model_type not in wanted:
         raise ConfigError(f"model.{key}.model_type is {config.model_type!r}; expected {expected}")
+    misspelt = _misspelt_keys(type(config), values)
+    if misspelt:
+        written, meant = next(iter(misspelt.items()))
+        raise ConfigError(f"model.{key}.{written}: not a {config.model_type} config key; did you mean {meant}?")
     heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     if heads and width and width % heads and "head_dim" not in values:  # else the heads' width is derived from it
         raise ConfigError(f"model.{key}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
     return config
+
+
+def _misspelt_keys(config_class: type, values: dict) -> dict[str, str]:
+    """Keys that are a near miss of one the config class knows (`hiden_size`), each with the key it resembles.
+
+    transformers' configs take any key and store it, so a typo would silently build the default size (3072 wide for
+    Phi-3). Unknown keys are not errors by themselves: a pasted config.json holds keys older or newer versions know
+    (`rope_theta`, `torch_dtype`, CLIP's generation defaults). Only a close match to a known key that is not also
+    given counts as a typo.
+    """
+    known = set(config_class().to_dict()) | set(inspect.signature(config_class.__init__).parameters)
+    known |= set(getattr(config_class, "attribute_map", {}))
+    misspelt = {}
+    for written in sorted(values.keys() - known):
+        close = difflib.get_close_matches(written, known - values.keys(), n=1, cutoff=0.8)
+        if close:
+            misspelt[written] = close[0]
+    return misspelt
 
 
 def hub_revision(source: str) -> str | None:

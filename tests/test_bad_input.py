@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+from conftest import SHARED_DATA, require_shared
 from test_train import phase_two_config, tiny_config, write
 
 import dataset as D
@@ -106,6 +107,31 @@ def test_bad_inline_backbone_configs_are_one_line_errors(tmp_path, demo_dir, cap
     config["model"][backbone].update(change)
     status, err = run(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))], capsys)
     assert expected in one_line_error(status, err)
+
+
+@pytest.mark.parametrize(
+    "backbone, right, wrong",
+    [("text_model", "hidden_size", "hiden_size"), ("vision_model", "image_size", "image_sise")],
+)
+def test_a_misspelt_inline_backbone_key_is_an_error_not_the_default_size(
+    tmp_path, demo_dir, capsys, backbone, right, wrong
+):
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["model"][backbone][wrong] = config["model"][backbone].pop(right)
+    status, err = run(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))], capsys)
+    assert f"model.{backbone}.{wrong}: not a" in one_line_error(status, err)
+    assert f"did you mean {right}?" in err
+
+
+def test_real_backbone_configs_pasted_inline_are_accepted():
+    """Keys older or newer transformers know (rope_theta, CLIP's generation defaults) are not typos."""
+    from backbones import inline_config
+
+    configs = require_shared(SHARED_DATA / "configs")
+    text = json.loads((configs / "phi-3-mini-4k-instruct/config.transcribed_from_tensorrt_llm.json").read_text())
+    vision = json.loads((configs / "clip-vit-large-patch14/config.json").read_text())["vision_config"]
+    assert inline_config("text_model", {**text, "model_type": "phi3"}).hidden_size == 3072
+    assert inline_config("vision_model", {**vision, "model_type": "clip_vision_model"}).hidden_size == 1024
 
 
 def test_data_errors_met_during_training_are_one_line_errors(tmp_path, demo_dir, capsys):
