@@ -384,6 +384,12 @@ def _check_optional_packages(config: dict, path: Path, phase: str | None) -> Non
             f"{path}: model.attn_implementation=flash_attention_2 needs the flash-attn package (and a CUDA GPU), "
             "which is not installed: pip install flash-attn, or use sdpa"
         )
+    # transformers 5.0 imports FlashAttention 3 as flash_attn_3, later versions as flash_attn_interface.
+    if attention == "flash_attention_3" and not (installed("flash_attn_interface") or installed("flash_attn_3")):
+        raise ConfigError(
+            f"{path}: model.attn_implementation=flash_attention_3 needs FlashAttention 3 (a Hopper GPU and the "
+            "package built from flash-attention's hopper/ directory), which is not installed; or use sdpa"
+        )
     report_to = config["training_args"]["report_to"]
     for name in [report_to] if isinstance(report_to, str) else report_to:
         module = REPORT_TO_MODULES.get(name)

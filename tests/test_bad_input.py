@@ -170,6 +170,11 @@ def test_unreadable_config_text_and_bad_set_values_are_one_line_errors(tmp_path,
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     status, err = run(["--phase_one", "--config", path, "--set", "training_args.report_to=[wandb]"], capsys)
     assert "training_args.report_to names wandb, which is not installed" in one_line_error(status, err)
+    for module in ("flash_attn", "flash_attn_interface", "flash_attn_3"):
+        monkeypatch.setitem(sys.modules, module, None)
+    for attention in ("flash_attention_2", "flash_attention_3"):
+        status, err = run(["--phase_one", "--config", path, "--set", f"model.attn_implementation={attention}"], capsys)
+        assert f"model.attn_implementation={attention} needs" in one_line_error(status, err)
 
 
 def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_path, demo_dir, capsys):
