@@ -284,6 +284,15 @@ def test_trained_model_stops_at_end_token(make_model):
     assert generate(model, [PROMPTS[0]], [random_image(0)], max_new_tokens=20) == ["a red circle"]
 
 
+def test_sdpa_computes_what_eager_computes_with_either_padding(make_model):
+    eager, sdpa = make_model(attn_implementation="eager"), make_model(attn_implementation="sdpa")
+    images = [random_image(i) for i in range(3)]
+    for padding_side in ("right", "left"):
+        batch = eager.processor(PROMPTS, images, ANSWERS, padding_side=padding_side)
+        torch.testing.assert_close(sdpa(**batch).loss, eager(**batch).loss)
+    assert generate(sdpa, PROMPTS, images, max_new_tokens=8) == generate(eager, PROMPTS, images, max_new_tokens=8)
+
+
 def test_sdpa_with_contiguous_value_is_bit_identical_to_sdpa(make_model):
     # model.py hands SDPA a contiguous v so that backward does not pin Phi-3's fused qkv output (memory only).
     results = []
