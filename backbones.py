@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -145,7 +146,7 @@ def load_backbone(
         try:
             with quiet_loading():
                 model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn, **quantization)
-        except (OSError, ValueError, RuntimeError) as error:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # a truncated weight file
             where = f"{source}: the checkpoint's stored {key}" if stored else f"model.{key} {source!r}"
             raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())[:500]})") from None
         if not stored:
