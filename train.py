@@ -41,7 +41,7 @@ def command_line() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry_run", action="store_true", help="report parameters and memory; load nothing")
     parser.add_argument(
-        "--gpu_memory_gb", type=_gigabytes, default=24.0, help="GPU memory to check the estimate against"
+        "--gpu_memory_gb", type=_gigabytes, help="with --dry_run: GPU memory to check the estimate against (24)"
     )
     parser.add_argument("--demo", action="store_true", help="run the synthetic-shapes demo end to end")
     return parser
@@ -404,6 +404,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
     )
     overrides = list(args.set) + ([f"training_args.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    given = {"--config": args.config, "--phase_one": args.phase_one, "--resume": args.resume, "--dry_run": args.dry_run}
+    if args.demo and any(given.values()):  # the demo has its own configs and output directories
+        parser.error(
+            f"--demo takes no {', '.join(flag for flag, value in given.items() if value)} (only --set, --max_steps)"
+        )
+    if args.gpu_memory_gb is not None and not args.dry_run:
+        parser.error("--gpu_memory_gb only sizes a --dry_run's estimate")
     try:
         if args.demo:
             run_demo(overrides)
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 from dry_run import dry_run
 
-                print(dry_run(config, phase, args.gpu_memory_gb))
+                print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
             else:
                 run_training(config, phase, args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:

@@ -52,6 +52,21 @@ def test_demo_never_deletes_a_directory_the_user_names(tmp_path, capsys):
         assert not (tmp_path / leftover).exists()
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--demo", "--config", "training_configs/tiny.yaml"], "--demo takes no --config"),
+        (["--demo", "--dry_run"], "--demo takes no --dry_run"),
+        (["--demo", "--phase_one", "--resume"], "--demo takes no --phase_one, --resume"),
+        (["--config", "training_configs/tiny.yaml", "--gpu_memory_gb", "12"], "--gpu_memory_gb only sizes a --dry_run"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(argv, expected, capsys):
+    """The demo deletes and retrains its outputs: flags it would silently ignore (a dry run!) stop it first."""
+    status, err = run(argv, capsys)
+    assert expected in one_line_error(status, err)
+
+
 # -------------------------------------------------------------------------------------------------- training
 def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, demo_dir, caplog):
     caplog.set_level(logging.INFO, logger="train")
