@@ -264,6 +264,7 @@ def llava_processor(model: PhiClipMLLM) -> LlavaProcessor:
     tokenizer.chat_template = template  # text-only `tokenizer.apply_chat_template` agrees with the processor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>"  # batches need one; which one never matters (masked out)
+    tokenizer.padding_side = "left"  # the Llava is used to generate: a batch must end where each reply starts
     keep_cls = model.config.keep_cls
     return LlavaProcessor(
         image_processor=model.image_processor,

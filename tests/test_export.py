@@ -163,8 +163,7 @@ def test_exported_greedy_generation_equals_ours_token_for_token(exported):
         tokenize=True,
         return_dict=True,
         return_tensors="pt",
-        padding=True,
-        padding_side="left",
+        padding=True,  # left by default, whatever side the training tokenizer padded on (the tiny one: right)
     )
     with torch.no_grad():
         output = llava.generate(**inputs, max_new_tokens=10)  # greedy and stop tokens from generation_config.json
