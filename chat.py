@@ -194,7 +194,7 @@ def run_chat(model: PhiClipMLLM, conversation: Conversation, options: dict, line
             continue
         if command == "/image":
             try:
-                conversation.attach(load_image(Path(argument.strip()).expanduser()))
+                conversation.attach(load_image(Path(argument.strip()).expanduser(), model.processor.image_short_side))
             except BadImageError as error:
                 print(f"error: /image {argument.strip()}: {error}", file=notices)
                 continue
@@ -228,10 +228,15 @@ def main(argv: list[str] | None = None) -> None:
     conversation = Conversation()
     if args.image:
         try:
-            conversation.attach(load_image(Path(args.image).expanduser()))
+            image = load_image(Path(args.image).expanduser())  # a file that is no image fails before the model loads
         except BadImageError as error:
             fail(str(error))
     model = load_checkpoint(args.checkpoint, device)
+    if args.image:
+        try:  # one the processor would refuse (too elongated to resize) is refused now, not at every message
+            conversation.attach(load_image(image, model.processor.image_short_side))
+        except BadImageError as error:
+            fail(f"--image {args.image}: {str(error).removeprefix('image: ')}")
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} · {COMMANDS_HELP}", file=sys.stderr)
     options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)

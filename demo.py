@@ -83,7 +83,7 @@ def build_demo(model: PhiClipMLLM, examples: list[str], max_new_tokens: int = 25
         conversation, messages = state["conversation"], state["messages"]
         if image_path:
             try:
-                image = load_image(image_path)
+                image = load_image(image_path, model.processor.image_short_side)
             except BadImageError as error:
                 raise gr.Error(str(error)) from None
             if image_key(image) != state["image"]:  # a new picture: it goes with this message

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import ROOT, random_image
+from PIL import Image
 
 import chat as chat_cli
 from chat import Conversation, StreamedReply, sampling_options
@@ -62,11 +63,14 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     for name, seed in (("a", 0), ("b", 1), ("c", 2)):
         paths[name] = tmp_path / f"{name}.png"
         random_image(seed).save(paths[name])
+    paths["long"] = tmp_path / "long.png"
+    Image.new("RGB", (20000, 1)).save(paths["long"])  # too elongated to resize: refused at /image, c stays attached
     typed = [
         "Describe this image.",
         "And its colour?",
         f"/image {paths['b']}",
         f"/image {paths['c']}",  # before sending: switches the attached image
+        f"/image {paths['long']}",
         "What about this one?",
         "/reset",  # the last image stays attached
         "Hello again",
@@ -93,6 +97,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     fourth = ask([{"role": "user", "content": f"Hello again {IMAGE_TOKEN}"}], [2])
     assert result.stdout == "".join(f"{reply}\n" for reply in (first, second, third, fourth))
     assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
+    assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -164,6 +169,16 @@ def test_a_broken_checkpoint_is_one_error_line(make_model, tmp_path, capsys, dam
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert expected in lines[0], lines
+
+
+def test_an_image_the_processor_would_refuse_is_refused_at_start(make_model, tmp_path, capsys):
+    checkpoint = make_model().save_pretrained(tmp_path / "ckpt")
+    Image.new("RGB", (20000, 1)).save(tmp_path / "long.png")
+    with pytest.raises(SystemExit) as exited:
+        chat_cli.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "long.png"), "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --image {tmp_path / 'long.png'}: 20000x1 is too elongated"), lines
 
 
 @pytest.mark.slow
