@@ -148,8 +148,9 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
     if phase == "two" and (load_dir / "config.json").is_file():
         model_config = json.loads((load_dir / "config.json").read_text())
         model_config.update({name: str(load_dir / name) for name in model_config.get("saved_backbones", [])})
-        if "quantize" in (config["model"] or {}):
-            model_config["quantize"] = config["model"]["quantize"]
+        # As train.py: the config's runtime keys (max_length, quantize, ...) override the loaded model's settings.
+        runtime = set(PhiClipConfig.RUNTIME_KEYS) - {"tokenizer"}  # a different tokenizer is an error in train.py
+        model_config.update({k: v for k, v in (config["model"] or {}).items() if k in runtime})
     elif config["model"] is not None:
         model_config = dict(config["model"])
     else:

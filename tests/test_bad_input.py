@@ -200,6 +200,18 @@ def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_
     assert f"note: checkpoint.load_dir {str(tmp_path / 'not_yet')!r} holds no phase-one model yet" in out
 
 
+def test_a_phase_two_dry_run_plans_with_the_configs_runtime_keys(tmp_path, demo_dir, capsys):
+    from model import PhiClipConfig, PhiClipMLLM
+
+    model_section = tiny_config(demo_dir, tmp_path / "p1")["model"]
+    PhiClipMLLM(PhiClipConfig.from_dict(model_section)).save_pretrained(tmp_path / "p1")  # max_length 64
+    two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2")
+    path = str(write(tmp_path / "two.yaml", two))
+    for argv, tokens in (([], 64), (["--set", "model.max_length=96"], 96)):  # as train.py: the config's 96 wins
+        assert train.main(["--config", path, "--dry_run", *argv]) == 0
+        assert f"x {tokens} tokens" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------------ LLaVA
 def test_llava_answers_that_are_empty_or_hold_an_image_are_excluded(tmp_path, caplog):
     image = {"image": "x.png"}
