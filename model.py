@@ -376,8 +376,10 @@ class PhiClipMLLM(nn.Module):
         from peft import PeftModel
 
         path = Path(path).expanduser()
-        if not path.is_dir() and (path.parent / "config.json").is_file():
+        if not path.exists() and path.suffix and (path.parent / "config.json").is_file():
             path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
+        elif not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
         elif path.is_file():
             if path.suffix in PICKLE_SUFFIXES:
                 raise ValueError(

@@ -145,6 +145,8 @@ def test_checkpoint_round_trip_phase_one(make_model, tmp_path):
     batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
     model.save_pretrained(tmp_path / "p1")
     _assert_same_logits(model, PhiClipMLLM.from_pretrained(tmp_path / "p1" / "model_checkpoint.pt").eval(), batch)
+    with pytest.raises(FileNotFoundError, match="checkpoint-999: no such checkpoint directory"):
+        PhiClipMLLM.from_pretrained(tmp_path / "p1" / "checkpoint-999")  # not p1 instead
 
 
 def test_checkpoint_round_trip_phase_two_unmerged_and_merged(make_model, tmp_path):
