@@ -100,7 +100,13 @@ def dequantize_weight(linear: nn.Module) -> torch.Tensor:
     """A quantised linear layer's weight, dequantised (a plain layer's weight as it is)."""
     from peft.utils.integrations import dequantize_module_weight
 
-    return dequantize_module_weight(linear)
+    # On the CPU peft re-assigns `linear.weight = linear.weight.to(device)`, a new Int8Params without its scales
+    # (they live in linear.state), which broke every later 8-bit forward: after a checkpoint save, training crashed.
+    weight = linear.weight
+    try:
+        return dequantize_module_weight(linear)
+    finally:
+        linear.weight = weight
 
 
 def dequantized(backbone: nn.Module) -> nn.Module:

@@ -149,7 +149,7 @@ def test_a_device_bitsandbytes_cannot_quantise_on_is_one_line_error(monkeypatch,
 
 # ------------------------------------------------------------------------------------------- quantised model
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_lm_keeps_its_logits_close_to_the_unquantized_model(make_model, mode):
+def test_quantized_lm_keeps_its_logits_close_to_the_unquantized_model(make_model, mode, tmp_path):
     """Tolerance: the logits may be off by twice the weights' own relative rounding error, and no more.
 
     NF4 rounds Gaussian-like weights with ~9% relative RMS error and LLM.int8 with ~0.7% (plus its 8-bit inputs).
@@ -181,6 +181,9 @@ def test_quantized_lm_keeps_its_logits_close_to_the_unquantized_model(make_model
     with torch.no_grad():
         expected, actual = reference(**batch).logits, quantized(**batch).logits
     assert 1e-4 < relative_error(actual, expected) < 2 * weight_error
+    quantized.save_pretrained(tmp_path / "saved")  # stores the random LM dequantised, as a checkpoint save does
+    with torch.no_grad():  # and leaves the live quantised layers as they were (8-bit lost its scales on the CPU)
+        torch.testing.assert_close(quantized(**batch).logits, actual, atol=0, rtol=0)
 
 
 def test_qlora_trains_the_lora_beside_frozen_4bit_weights_as_lora_does_on_the_plain_model(make_model):
