@@ -62,7 +62,9 @@ if __name__ == "__main__":
 
 import importlib.util  # the heavy imports follow the early argument check above
 import logging
+import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -77,10 +79,12 @@ from trainer import (
     COMPLETE_MARKER,
     PhiClipTrainer,
     ProgressReport,
+    batch_shape,
     complete_checkpoints,
     finished,
     output_lock,
     publish,
+    saved_batch_shape,
     train_with_progress,
 )
 
@@ -259,6 +263,37 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
     model.prime_model("one")
 
 
+def _check_resume_point(resume_dir: Path, complete: list[Path], training_args: dict) -> None:
+    """Refuse a resume that would lose checkpoints or not continue where the run stopped."""
+    step = int(resume_dir.name.rsplit("-", 1)[-1]) if re.fullmatch(r"checkpoint-\d+", resume_dir.name) else None
+    later = [p.name for p in complete if step is not None and int(p.name.rsplit("-", 1)[-1]) > step]
+    if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
+        raise ConfigError(
+            f"--resume {resume_dir}: the output directory also holds later checkpoints ({', '.join(later)}); "
+            f"move them aside to go back to step {step}, or resume the latest"
+        )
+    saved = saved_batch_shape(resume_dir)
+    now = batch_shape(
+        int(os.environ.get("WORLD_SIZE", "1")),
+        training_args["batch_size"],
+        training_args["gradient_accumulation_steps"],
+    )
+    if saved and math.prod(saved.values()) != math.prod(now.values()):
+
+        def describe(shape: dict) -> str:
+            return f"{math.prod(shape.values())} ({' x '.join(str(v) for v in shape.values())})"
+
+        raise ConfigError(
+            f"--resume {resume_dir}: that run's global batch was {describe(saved)}, this one's is {describe(now)} "
+            "(processes x batch_size x gradient_accumulation_steps): its data position and learning-rate schedule "
+            "would not continue where it stopped; keep the global batch"
+        )
+    if saved and saved != now:
+        logger.info(
+            "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
+        )
+
+
 def run_training(
     config: dict, phase: str, resume: bool | str | None = None, callbacks: list[TrainerCallback] | tuple = ()
 ) -> PhiClipMLLM:
@@ -277,6 +312,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     )
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
+    if resume:
+        _check_resume_point(resume_dir, complete, config["training_args"])
     if complete and not resume:
         if finished(complete[-1], config["training_args"]["max_steps"]):
             raise ConfigError(

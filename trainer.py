@@ -89,13 +89,19 @@ class PhiClipTrainer(Trainer):
         pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained
 
     def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        target = root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:  # a leftover directory of this step (a killed save) is not complete while rewritten
+            (target / COMPLETE_MARKER).unlink(missing_ok=True)
         super()._save_checkpoint(model, trial)  # save_total_limit is None there: we rotate complete ones only
         self.accelerator.wait_for_everyone()  # every rank's rng_state file is in before the marker
         if not self.args.should_save:
             return
-        root = Path(self.args.output_dir)
-        with open(root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}" / COMPLETE_MARKER, "w") as marker:
-            marker.write(f"{self.state.global_step}\n")
+        shape = batch_shape(
+            self.args.world_size, self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
+        )
+        with open(target / COMPLETE_MARKER, "w") as marker:
+            marker.write(json.dumps({"step": self.state.global_step, **shape}) + "\n")
             marker.flush()
             os.fsync(marker.fileno())
         complete = complete_checkpoints(root)
@@ -180,6 +186,20 @@ def train_with_progress(trainer: Trainer, stage: str, **train_kwargs) -> None:
     trainer.add_callback(LogLines(stage))
     with logging_redirect_tqdm():
         trainer.train(**train_kwargs)
+
+
+def batch_shape(processes: int, batch_size: int, accumulation: int) -> dict[str, int]:
+    """What one optimizer step consumes: a resumed run continues the data and the schedule only if it is the same."""
+    return {"processes": processes, "batch_size": batch_size, "gradient_accumulation_steps": accumulation}
+
+
+def saved_batch_shape(checkpoint: Path) -> dict[str, int] | None:
+    """The batch shape recorded in a checkpoint's marker (None for a checkpoint written before it was recorded)."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: recorded[k] for k in batch_shape(0, 0, 0)} if isinstance(recorded, dict) else None
 
 
 def finished(checkpoint: Path, max_steps: int = -1) -> bool:

@@ -94,6 +94,15 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     assert "holds a finished run (checkpoint-2 is its last step)" in one_line_error(status, err)
     assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "4"]) == 0
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
+    # Going back to step 2 would delete the new run's checkpoints as written (rotation keeps the highest steps).
+    status, err = run(["--phase_one", "--config", path, "--resume", str(tmp_path / "p1" / "checkpoint-2")], capsys)
+    assert "also holds later checkpoints (checkpoint-4); move them aside" in one_line_error(status, err)
+    # Another global batch would not continue the data position and schedule; the same one by other means does.
+    more = ["--phase_one", "--config", path, "--resume", "--max_steps", "5", "--set", "training_args.batch_size=4"]
+    status, err = run(more, capsys)
+    assert "global batch was 8 (1 x 8 x 1), this one's is 4 (1 x 4 x 1)" in one_line_error(status, err)
+    assert train.main([*more, "--set", "training_args.gradient_accumulation_steps=2"]) == 0
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-4", "checkpoint-5"]
 
     # Phase two on it: the loaded model keeps its tokenizer and architecture, and says so in the user's terms.
     other = tmp_path / "other_tokenizer"

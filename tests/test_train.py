@@ -304,6 +304,10 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         "rng_state_1.pth",
     ]  # each rank keeps its own RNG state for resume; everything else is written by rank 0
     PhiClipMLLM.from_pretrained(tmp_path / "ddp")
+    # One process resumes the two-process run only with the same global batch (2 x 4 = 1 x 8).
+    resume = ["--phase_one", "--config", str(tmp_path / "ddp.yaml"), "--resume", "--max_steps", "6"]
+    assert train.main(resume) == 2
+    assert train.main([*resume, "--set", "training_args.batch_size=8"]) == 0
     one = run("single", 8, [sys.executable])
     assert len(two) == len(one) == 5
     assert two == pytest.approx(one, rel=1e-4)
