@@ -198,6 +198,15 @@ def _misspelt_keys(config_class: type, values: dict) -> dict[str, str]:
     return misspelt
 
 
+def quantize_language_model(language_model: nn.Module, mode: str, dtype: torch.dtype | None, attn: str) -> nn.Module:
+    """A plain LM in memory (merged LoRA) quantised as `model.quantize: mode` loads one."""
+    with quiet_loading():
+        quantized = quantize_built(language_model, dtype, attn, **load_kwargs(mode, dtype))
+    if attn == "sdpa":
+        quantized.set_attn_implementation(attention_with_contiguous_value())
+    return quantized
+
+
 def hub_revision(source: str) -> str | None:
     """The commit a hub id resolves to now (from the local hub cache when offline); None for a local path."""
     if Path(source).expanduser().exists():

@@ -72,7 +72,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from backbones import CheckpointError, read_config_file, use_liger_kernels
+from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
@@ -120,7 +120,12 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
         else:
             if config["checkpoint"]["loaded_lora"] == "merge" and any(lora.values()):
                 logger.info("merging the loaded LoRA (%s) into the backbones before adding fresh LoRA", _which(lora))
-                model.merge_lora()
+                quantize = model.config.quantize
+                model.merge_lora()  # into a dequantised copy of a quantised LM: the update is not rounded
+                if quantize and model.config.quantize is None:  # then train on as configured: quantised again
+                    attn = model.config.attn_implementation
+                    model.text_model = quantize_language_model(model.text_model, quantize, dtype, attn)
+                    model.config.quantize = quantize
             try:
                 model.setup_lora(config["peft_text"], config["peft_vision"])
             except ValueError as error:  # targets that match nothing, settings that contradict a loaded LoRA

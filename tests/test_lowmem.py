@@ -304,6 +304,15 @@ def test_quantized_runs_checkpoint_adapter_and_lora_only_and_merge_dequantizes(t
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, quantized_logits, atol=2e-5, rtol=0)
 
+    # Merging the QLoRA run's LoRA to start a fresh one trains on quantised again (it dropped to plain weights).
+    three = dict(two, checkpoint={"output_dir": str(tmp_path / "p3"), "load_dir": str(tmp_path / "p2")})
+    three["checkpoint"]["loaded_lora"] = "merge"
+    assert train.main(["--config", str(write(tmp_path / "three.yaml", three))]) == 0
+    assert json.loads((tmp_path / "p3" / "config.json").read_text())["quantize"] == "4bit"
+    assert set(_safetensors(tmp_path / "p3" / "text_model").values()) == {torch.float32}  # stored merged, plain
+    requantized = PhiClipMLLM.from_pretrained(tmp_path / "p3")
+    assert quantization.is_quantized(requantized.text_model) and requantized.config.lora_text is not None
+
 
 @pytest.mark.parametrize("lora", [True, False], ids=["qlora", "phase_one"])
 def test_quantized_models_export_to_llava_as_they_computed_in_training(tmp_path, demo_dir, lora):
