@@ -209,13 +209,14 @@ def fit_advice(model: PhiClipMLLM, config: dict, settings: dict, gpu_memory_gb: 
         values = settings | changes
         return estimate_memory(model, size, seq_len, values["checkpointing"], values["quantize"], values["optim"])
 
-    def largest_batch(**changes) -> str:
+    def largest_batch(switches: str = "", **changes) -> str:
         for size in range(batch - 1, 0, -1):
             if global_batch % size == 0 and (gb := estimate(size, **changes)) <= gpu_memory_gb:
                 steps = global_batch // size
                 return (
                     f"batch {size} x {steps} accumulation steps (global batch {global_batch} kept), {gb:.1f} GB: "
-                    f"--set training_args.batch_size={size} --set training_args.gradient_accumulation_steps={steps}"
+                    f"{switches}--set training_args.batch_size={size} "
+                    f"--set training_args.gradient_accumulation_steps={steps}"
                 )
         return f"none (batch 1: {estimate(1, **changes):.1f} GB)"
 
@@ -241,8 +242,10 @@ def fit_advice(model: PhiClipMLLM, config: dict, settings: dict, gpu_memory_gb: 
     if not choices:
         lines.append("    every memory switch (checkpointing, 4bit, 8-bit optimiser states) is already on")
     elif not minimal:
-        every = {k: v for options in choices for change, _ in options[-1:] for k, v in change.items()}
-        lines.append(f"    no switch fits batch {batch}; with all of them: {largest_batch(**every)}")
+        strongest = [options[-1] for options in choices]
+        every = {k: v for change, _ in strongest for k, v in change.items()}
+        flags = "".join(f"--set {flag} " for _, flag in strongest)
+        lines.append(f"    no switch fits batch {batch}; with all of them, {largest_batch(flags, **every)}")
     return lines
 
 

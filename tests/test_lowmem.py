@@ -406,6 +406,16 @@ def test_dry_run_advice_makes_the_configuration_fit(capsys):
     ]
     assert _configured_gb(_dry_run(capsys, "--config", small, "--gpu_memory_gb", "6", *sets)) > 6
 
+    # When no switch fits the batch, the line with all of them names every flag it assumed: pasted whole, it fits.
+    out = _dry_run(capsys, "--config", str(CONFIGS / "phi_clip_p2.yaml"), "--gpu_memory_gb", "6")
+    line = next(line for line in out.splitlines() if "with all of them" in line)
+    sets = [f"--set={flag}" for flag in re.findall(r"--set (\S+)", line)]
+    assert len(sets) > 2
+    assert (
+        _configured_gb(_dry_run(capsys, "--config", str(CONFIGS / "phi_clip_p2.yaml"), "--gpu_memory_gb", "6", *sets))
+        <= 6
+    )
+
 
 # ----------------------------------------------------------------------------------------------- device run
 def test_lowmem_bench_runs_end_to_end_at_tiny_size(tmp_path):
