@@ -9,6 +9,7 @@ below them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -62,6 +63,8 @@ def publish(model: PhiClipMLLM, directory: Path) -> None:
             shutil.rmtree(target)
         os.replace(entry, target)
     staged.rmdir()
+    for kind, split in itertools.product(("metrics", "captions", "answers"), ("val", "train")):
+        (directory / f"{kind}_{split}.json").unlink(missing_ok=True)  # evaluate.py's figures of the model replaced
 
 
 SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}  # counted by dataset.Collator
