@@ -256,6 +256,11 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             require(isinstance(source, dict), f"{name}: a data source is a mapping with a format, got {source!r}")
             source.setdefault("on_bad_image", data["on_bad_image"])
             source.setdefault("on_bad_record", data["on_bad_record"])
+    if phase == "one":  # phase one builds a fresh model and trains its adapter only: these would be ignored
+        given = [k for k in ("peft_text", "peft_vision") if config[k]] + ["checkpoint.load_dir"] * bool(
+            ckpt["load_dir"]
+        )
+        require(not given, f"{' and '.join(given)} belong to phase two, which this config is for: drop --phase_one")
     loaded_lora = ("continue", "merge")
     require(
         ckpt["loaded_lora"] in loaded_lora,

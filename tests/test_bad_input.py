@@ -59,6 +59,10 @@ def test_demo_never_deletes_a_directory_the_user_names(tmp_path, capsys):
         (["--demo", "--dry_run"], "--demo takes no --dry_run"),
         (["--demo", "--phase_one", "--resume"], "--demo takes no --phase_one, --resume"),
         (["--config", "training_configs/tiny.yaml", "--gpu_memory_gb", "12"], "--gpu_memory_gb only sizes a --dry_run"),
+        (
+            ["--phase_one", "--config", "training_configs/tiny_p2.yaml"],
+            "peft_text and peft_vision and checkpoint.load_",
+        ),
     ],
 )
 def test_flags_that_would_be_ignored_are_refused(argv, expected, capsys):
