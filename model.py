@@ -503,11 +503,13 @@ def generate(
     repetition_penalty: float = 1.0,
     num_return_sequences: int = 1,
     streamer: Any = None,
+    **generate_kwargs: Any,
 ) -> list[str]:
     """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training.
 
-    `images`: paths or PIL images, one per prompt (or a list per prompt). Batched with left padding; the LM's own
-    `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
+    `images`: paths, PIL images or HxWxC uint8 arrays, one per prompt (or a list per prompt). Batched with left
+    padding; the LM's own `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
+    Other keywords (num_beams, min_new_tokens, length_penalty, ...) go to that `generate` as they are.
     A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
     No prompts, no replies: an empty list gives [].
     """
@@ -516,8 +518,10 @@ def generate(
         if given:
             raise ValueError(f"0 prompts but {given} images: give one image (or list) per prompt")
         return []
+    if isinstance(prompts, (list, tuple)) and isinstance(prompts[0], dict):  # one conversation, not a list of them
+        prompts = [prompts]
     # The processor refuses bad input (an image that cannot be read) before the model's mode is touched.
-    if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (list, tuple)):
+    if isinstance(prompts, (list, tuple)) and isinstance(prompts[0], (list, tuple)):
         batch = model.processor(
             conversations=list(prompts), images=images, padding_side="left", add_generation_prompt=True
         )
@@ -542,6 +546,7 @@ def generate(
             pad_token_id=model.processor.pad_token_id,
             streamer=streamer,
             **sampling,
+            **generate_kwargs,
         )
     finally:
         model.train(was_training)

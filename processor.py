@@ -91,6 +91,11 @@ class PhiClipProcessor:
                 text += "<|assistant|>\n"
             return text, spans
         for turn in conversation:
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                raise ValueError(
+                    f"a conversation turn is {{'role': ..., 'content': 'text'}} with {IMAGE_TOKEN} where an image "
+                    f"goes, got {turn!r:.120}"
+                )
             role, content = turn["role"], turn["content"].strip()
             if role == "user":
                 # seed: no space after the separator (Phi-3's tokenizer strips it anyway), so answers start a word
@@ -267,10 +272,16 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: 
     MAX_RESIZED_PIXELS (an extreme aspect ratio: 20000x1 scales to 224 x 4,480,000) is refused before resizing.
     """
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+            raise TypeError(f"an image array must be HxW or HxWxC (C 1, 3 or 4) uint8, got {image.shape} {image.dtype}")
+        image = Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image)
     if isinstance(image, Image.Image):
         _check_resized_size(image.size, short_side, "image")
         return _to_rgb(_upright(image))
+    if not isinstance(image, (str, os.PathLike)):
+        raise TypeError(f"an image is a file path, a PIL image or a uint8 array, got {type(image).__name__}")
+    if str(image).startswith(("http://", "https://")):
+        raise BadImageError(f"{image}: URLs are not downloaded; save the image and give its path")
     path = Path(image)
     try:
         if path.stat().st_size == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from conftest import PHI3_TOKENIZER, TINY_TEXT, TINY_VISION, random_image, require_shared, tiny_config
@@ -80,6 +81,19 @@ def test_greedy_generate_matches_llava(llava_shaped):
         )
     peer_texts = [t.strip() for t in ours.tokenizer.batch_decode(peer[:, batch["input_ids"].shape[1] :], True)]
     assert generate(ours, PROMPTS, images, max_new_tokens=8) == peer_texts
+
+
+def test_other_generation_arguments_reach_the_lm_as_for_llava(llava_shaped):
+    ours, images = llava_shaped, [random_image(i) for i in range(3)]
+    llava = llava_twin(ours)
+    batch = ours.processor(PROMPTS, images, padding_side="left", add_generation_prompt=True)
+    options = {"max_new_tokens": 8, "num_beams": 3, "length_penalty": 0.5, "min_new_tokens": 4}
+    with torch.no_grad():
+        peer = llava.generate(
+            **batch, **options, eos_token_id=ours.processor.stop_token_ids, pad_token_id=ours.processor.pad_token_id
+        )
+    peer_texts = [t.strip() for t in ours.tokenizer.batch_decode(peer[:, batch["input_ids"].shape[1] :], True)]
+    assert generate(ours, PROMPTS, images, **options) == peer_texts
 
 
 def test_loss_matches_full_logits_cross_entropy(make_model):
@@ -264,6 +278,26 @@ def test_bad_input_errors(make_model, tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "model_checkpoint.pt")
     with pytest.raises(ValueError, match="pickled checkpoint"):
         PhiClipMLLM.from_pretrained(tmp_path / "model_checkpoint.pt")
+
+
+def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_names_the_rest(make_model):
+    model, image = make_model(), random_image(0)
+    expected = generate(model, PROMPTS[0], [image], max_new_tokens=4)
+    pixels = np.asarray(image)
+    assert generate(model, PROMPTS[0], [pixels], max_new_tokens=4) == expected  # an HxWx3 uint8 array
+    conversation = [{"role": "user", "content": PROMPTS[0]}]
+    assert generate(model, conversation, [image], max_new_tokens=4) == expected  # one conversation, not wrapped
+    for bad, message in (
+        (torch.rand(3, 56, 56), "an image is a file path, a PIL image or a uint8 array, got Tensor"),
+        (pixels.astype(np.float64) / 255, r"an image array must be HxW or HxWxC \(C 1, 3 or 4\) uint8"),
+        (pixels.transpose(2, 0, 1).copy(), r"got \(3, 64, 72\) uint8"),
+        ("http://images.cocodataset.org/val2017/1.jpg", "http://images.cocodataset.org/val2017/1.jpg: URLs are not"),
+    ):
+        with pytest.raises((TypeError, ValueError), match=message):
+            generate(model, PROMPTS[0], [bad], max_new_tokens=4)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}]
+    with pytest.raises(ValueError, match=r"a conversation turn is \{'role': ..., 'content': 'text'\}"):
+        generate(model, parts, [image], max_new_tokens=4)
 
 
 def test_batched_generate_equals_one_by_one(make_model):
