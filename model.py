@@ -371,7 +371,9 @@ class PhiClipMLLM(nn.Module):
         """Restore a checkpoint directory written by save_pretrained (or a file inside it).
 
         `trainable=True` leaves LoRA and adapter weights trainable (phase-two continuation, resume). `runtime`
-        replaces settings that change no weight (max_length, attn_implementation, prompt_format, tokenizer).
+        replaces settings that change no weight (max_length, attn_implementation, prompt_format, quantize); the
+        tokenizer is always the checkpoint's own copy (its embeddings were trained with it), so `tokenizer` may only
+        repeat the recorded one.
         """
         from peft import PeftModel
 
@@ -394,7 +396,14 @@ class PhiClipMLLM(nn.Module):
         unknown = sorted(set(runtime) - set(PhiClipConfig.RUNTIME_KEYS))
         if unknown:
             raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
-        values = read_config_file(path / "config.json", "PhiClipMLLM") | runtime
+        stored = read_config_file(path / "config.json", "PhiClipMLLM")
+        recorded_tokenizer = stored.get("tokenizer") or stored.get("text_model")
+        if runtime.get("tokenizer") not in (None, recorded_tokenizer):
+            raise ValueError(
+                f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
+                f"({recorded_tokenizer!r}); load without it"
+            )
+        values = stored | runtime
         try:
             config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
         except (TypeError, ValueError) as error:

@@ -161,6 +161,8 @@ def test_checkpoint_round_trip_phase_one(make_model, tmp_path):
     _assert_same_logits(model, PhiClipMLLM.from_pretrained(tmp_path / "p1" / "model_checkpoint.pt").eval(), batch)
     with pytest.raises(FileNotFoundError, match="checkpoint-999: no such checkpoint directory"):
         PhiClipMLLM.from_pretrained(tmp_path / "p1" / "checkpoint-999")  # not p1 instead
+    with pytest.raises(ValueError, match="keeps the tokenizer its embeddings were trained with"):
+        PhiClipMLLM.from_pretrained(tmp_path / "p1", tokenizer=str(tmp_path / "another_tokenizer"))
 
 
 def test_checkpoint_round_trip_phase_two_unmerged_and_merged(make_model, tmp_path):
