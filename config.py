@@ -130,7 +130,12 @@ class PhiClipConfig:
         unknown = sorted(set(values) - set(valid))
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
-        return cls(**values)
+        if where == "model":  # the YAML's section: the messages already name model.KEY
+            return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:  # a checkpoint's config.json: name the file too
+            raise type(error)(f"{where}: {error}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -582,7 +582,15 @@ def test_13_evaluate_checks_only_the_split_it_evaluates(tmp_path, demo_dir, phas
 # --------------------------------------------------------------------------------------- 14. checkpoint errors
 @pytest.mark.parametrize(
     "damage",
-    ["truncated_adapter", "bad_config_json", "no_tokenizer", "adapter_shape", "bad_lora", "truncated_backbone"],
+    [
+        "truncated_adapter",
+        "bad_config_json",
+        "no_tokenizer",
+        "adapter_shape",
+        "bad_lora",
+        "truncated_backbone",
+        "bad_config_value",
+    ],
 )
 def test_14_a_broken_checkpoint_file_is_named(tmp_path, make_model, damage):
     model = make_model()
@@ -603,6 +611,10 @@ def test_14_a_broken_checkpoint_file_is_named(tmp_path, make_model, damage):
         broken = checkpoint / "config.json"
         broken.write_text(broken.read_text().replace('"adapter_dim": 48', '"adapter_dim": 40'))
         expected = "adapter.safetensors: holds tensors"
+    elif damage == "bad_config_value":
+        broken = checkpoint / "config.json"
+        broken.write_text(broken.read_text().replace('"normalize": true', '"normalize": "yes"'))
+        expected = "config.json: model.normalize"
     elif damage == "truncated_backbone":  # random backbones are stored with the checkpoint
         broken = checkpoint / "text_model" / "model.safetensors"
         broken.write_bytes(broken.read_bytes()[:1000])
