@@ -213,7 +213,8 @@ def run_chat(model: PhiClipMLLM, conversation: Conversation, options: dict, line
                 out.flush()
         except ValueError as error:  # e.g. the conversation no longer fits model.max_length
             conversation.undo_ask()
-            print(f"\nerror: {error}", file=notices)
+            hint = " (/reset starts a new conversation)" if "max_length" in str(error) else ""
+            print(f"\nerror: {error}{hint}", file=notices)
             continue
         out.write("\n")
         out.flush()

@@ -146,6 +146,9 @@ class PhiClipProcessor:
         rows, kept_images, dropped = [], [], 0
         for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):
             try:
+                # A prompt to generate from is never truncated (its end is where the reply starts); without spans
+                # of earlier answers to cut, one too long is an error.
+                spans = [] if add_generation_prompt else spans
                 rows.append(self._encode(ids, offsets, spans, len(images[i]), f"sample {i}"))
             except UnusableSample:
                 if not drop_unsupervised:

@@ -74,6 +74,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
         "What about this one?",
         "/reset",  # the last image stays attached
         "Hello again",
+        "hello " * 300,  # past max_length: an error line, no reply, and the conversation as it was
     ]
     command = [sys.executable, "chat.py", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(paths["a"])]
     command += ["--max_new_tokens", "8"]
@@ -98,6 +99,10 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert result.stdout == "".join(f"{reply}\n" for reply in (first, second, third, fourth))
     assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
     assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
+    # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost).
+    assert "max_length is 256: truncation would cut into the image; raise model.max_length or shorten it (/reset" in (
+        result.stderr
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS)
