@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import IMAGE_TOKEN, CommandLine, fail
+from config import IMAGE_TOKEN, CommandLine, checkpoint_problem, fail
 
 COMMANDS_HELP = "/image PATH  attach an image · /reset  new conversation · /quit  leave"
 
@@ -38,11 +38,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad input ends here as one `error:` line, before torch or any weight is loaded."""
-    checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.exists():
-        fail(f"--checkpoint {args.checkpoint}: no such directory")
-    if not (checkpoint / "config.json").is_file():
-        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    if problem := checkpoint_problem(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: {problem}")
     if getattr(args, "image", None) is not None and not Path(args.image).expanduser().is_file():
         fail(f"--image {args.image}: no such file")
     if args.temperature < 0:

@@ -207,6 +207,23 @@ class CommandLine(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a PhiClipMLLM checkpoint directory (or a file inside one); None when it is one."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        return "no such directory"
+    directory = directory.parent if directory.is_file() else directory
+    if (directory / "config.json").is_file():  # loading names any file that is missing or broken
+        return None
+    steps = sorted(int(p.name[11:]) for p in directory.glob("checkpoint-*") if p.name[11:].isdigit())
+    if steps:  # train.py's output directory of a run that stopped before writing its final model
+        return (
+            f"holds no final model, only checkpoints of an unfinished run (the last: checkpoint-{steps[-1]}): finish "
+            f"it with train.py --resume, or give {directory / f'checkpoint-{steps[-1]}'}"
+        )
+    return "not a PhiClipMLLM checkpoint (no config.json); give train.py's output"
+
+
 def fail(message: str):
     """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
     print(f"error: {message}", file=sys.stderr)

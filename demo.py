@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, fail
+from config import CommandLine, checkpoint_problem, fail
 
 DEMO_IMAGES = Path("data/demo/images")  # written by `python train.py --demo`
 TITLE = "PhiClipMLLM"
@@ -35,11 +35,8 @@ def command_line() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad input ends here as one `error:` line, before torch, Gradio or any weight is loaded."""
-    checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.exists():
-        fail(f"--checkpoint {args.checkpoint}: no such directory")
-    if not (checkpoint / "config.json").is_file():
-        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    if problem := checkpoint_problem(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: {problem}")
     if not 1 <= args.port <= 65535:
         fail(f"--port must be in 1..65535, got {args.port}")
     for example in args.example:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, ConfigError, fail
+from config import CommandLine, ConfigError, checkpoint_problem, fail
 from training_config import load_config
 
 
@@ -45,9 +45,8 @@ def command_line() -> argparse.ArgumentParser:
 def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
     """Parse and check the arguments and the config (one `error:` line on bad input); returns (args, config)."""
     args = command_line().parse_args(argv)
-    checkpoint = Path(args.checkpoint).expanduser()
-    if not (checkpoint / "config.json").is_file():
-        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    if problem := checkpoint_problem(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: {problem}")
     for name in ("limit", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value <= 0:

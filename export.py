@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from config import DTYPE_NAMES, IMAGE_TOKEN, CommandLine, ConfigError, backbone_architecture, fail
+from config import DTYPE_NAMES, IMAGE_TOKEN, CommandLine, ConfigError, backbone_architecture, checkpoint_problem, fail
 from training_config import data_sources, load_config
 
 FORMATS = ("llava", "phiclip")
@@ -78,9 +78,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     checkpoint = Path(args.checkpoint).expanduser()
     if not checkpoint.is_dir():
         fail(f"--checkpoint {args.checkpoint}: no such directory")
+    if problem := checkpoint_problem(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: {problem}")
+    if not (checkpoint / "adapter.safetensors").is_file():
+        fail(f"--checkpoint {args.checkpoint}: checkpoint is incomplete, adapter.safetensors is missing")
     config_file = checkpoint / "config.json"
-    if not config_file.is_file() or not (checkpoint / "adapter.safetensors").is_file():
-        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json + adapter.safetensors)")
     try:
         values = json.loads(config_file.read_text())
     except ValueError as error:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import IMAGE_TOKEN, CommandLine, ConfigError, fail
+from config import IMAGE_TOKEN, CommandLine, ConfigError, checkpoint_problem, fail
 
 DEFAULT_PROMPT = f"Describe this image. {IMAGE_TOKEN}"  # one of the instructions training draws from
 
@@ -28,11 +28,8 @@ def command_line() -> argparse.ArgumentParser:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad input ends here as one `error:` line, before torch or any weight is loaded."""
-    checkpoint = Path(args.checkpoint).expanduser()
-    if not checkpoint.exists():
-        fail(f"--checkpoint {args.checkpoint}: no such directory")
-    if not (checkpoint / "config.json").is_file() and not (checkpoint.parent / "config.json").is_file():
-        fail(f"--checkpoint {args.checkpoint}: not a PhiClipMLLM checkpoint (no config.json); give train.py's output")
+    if problem := checkpoint_problem(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: {problem}")
     if not Path(args.image).expanduser().is_file():
         fail(f"--image {args.image}: no such file")
     if args.max_new_tokens <= 0:

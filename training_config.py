@@ -21,6 +21,7 @@ from config import (
     ConfigError,
     PhiClipConfig,
     backbone_architecture,
+    checkpoint_problem,
     installed,
     is_int,
     require_bitsandbytes,
@@ -282,11 +283,8 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             Path(ckpt["load_dir"]).resolve() != Path(ckpt["output_dir"]).resolve(),
             "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
         )
-        require(
-            not check_paths or (Path(ckpt["load_dir"]) / "config.json").is_file(),
-            f"checkpoint.load_dir {ckpt['load_dir']!r} is not a phase-one model directory (no config.json); "
-            "run phase one first (python train.py --phase_one --config ...)",
-        )
+        problem = checkpoint_problem(ckpt["load_dir"]) if check_paths else None
+        require(not problem, f"checkpoint.load_dir {ckpt['load_dir']!r}: {problem}; phase two loads phase one's model")
     # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
     paths = [
         (f"model.{k}", v)

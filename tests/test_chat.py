@@ -125,7 +125,10 @@ def test_help_answers_without_importing_torch(command):
         (["demo.py", "--checkpoint", "CKPT", "--port", "70000"], "--port must be in 1..65535"),
         (["demo.py", "--checkpoint", "CKPT", "--example", "missing.png"], "--example missing.png: no such file"),
         (["export.py", "--checkpoint", "nowhere", "--out", "x"], "--checkpoint nowhere: no such directory"),
-        (["export.py", "--checkpoint", "CKPT", "--out", "x"], "not a PhiClipMLLM checkpoint"),
+        (
+            ["export.py", "--checkpoint", "CKPT", "--out", "x"],
+            "checkpoint is incomplete, adapter.safetensors is missing",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, argv, expected):

@@ -77,3 +77,13 @@ def test_evaluate_output_is_checked_before_evaluating(inputs, tmp_path, capsys, 
     argv = [*arguments("evaluate", inputs), "--output", f"{tmp_path}/{output}"]
     line = one_error_line(evaluate.main, argv, capsys)
     assert line.startswith("error: " + expected.format(tmp=tmp_path)), line
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unfinished_runs_directory_points_at_resume_or_its_last_checkpoint(command, inputs, tmp_path, capsys):
+    run = tmp_path / "run"  # killed before its final model: checkpoints only
+    for step in (2, 10):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    line = one_error_line(COMMANDS[command], [*arguments(command, {**inputs, "checkpoint": str(run)})], capsys)
+    assert "holds no final model, only checkpoints of an unfinished run (the last: checkpoint-10)" in line
+    assert f"train.py --resume, or give {run / 'checkpoint-10'}" in line
