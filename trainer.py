@@ -91,6 +91,19 @@ class PhiClipTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):
+            return
+        # The restored optimizer holds the learning rate the old schedule reached (0 at the end of a finished run);
+        # a run resumed with a larger max_steps would take its first step at that rate. Recompute it from the
+        # current schedule at the restored step: the same value when the schedule is unchanged.
+        rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(self.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)
         target = root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

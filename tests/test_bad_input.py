@@ -100,6 +100,9 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "4"]) == 0
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "p1" / "metrics_val.json").exists()  # export's model card would quote it
+    state = json.loads((tmp_path / "p1" / "checkpoint-4" / "trainer_state.json").read_text())
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    assert rates[3] > 0  # the first step past the old end trains at the new schedule's rate, not the old end's 0
     # Going back to step 2 would delete the new run's checkpoints as written (rotation keeps the highest steps).
     status, err = run(["--phase_one", "--config", path, "--resume", str(tmp_path / "p1" / "checkpoint-2")], capsys)
     assert "also holds later checkpoints (checkpoint-4); move them aside" in one_line_error(status, err)
