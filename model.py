@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from backbones import (
     read_config_file,
 )
 from config import PhiClipConfig
+from lora import check_lora_targets, lora_shape, without_lora
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 from quantization import dequantized, is_quantized, logical_numel
 
@@ -243,20 +243,20 @@ class PhiClipMLLM(nn.Module):
         for name, settings in (("text", text_lora), ("vision", vision_lora)):
             backbone, recorded = getattr(self, f"{name}_model"), getattr(self.config, f"lora_{name}")
             if isinstance(backbone, PeftModel):
-                if settings and _lora_shape(settings) != _lora_shape(recorded):
+                if settings and lora_shape(settings) != lora_shape(recorded):
                     raise ValueError(
-                        f"peft_{name}: the loaded model already has LoRA {_lora_shape(recorded)}, which phase two "
-                        f"continues, but the config asks for {_lora_shape(settings)}; use the same settings, or set "
+                        f"peft_{name}: the loaded model already has LoRA {lora_shape(recorded)}, which phase two "
+                        f"continues, but the config asks for {lora_shape(settings)}; use the same settings, or set "
                         "checkpoint.loaded_lora: merge to merge the loaded LoRA and add a fresh one"
                     )
                 for parameter_name, parameter in backbone.named_parameters():
                     parameter.requires_grad_("lora_" in parameter_name)
-                logger.info("LoRA on the %s model: continuing the loaded adapter %s", name, _lora_shape(recorded))
+                logger.info("LoRA on the %s model: continuing the loaded adapter %s", name, lora_shape(recorded))
                 continue
             if not settings:
                 continue
             settings = dict(settings)
-            matched = _check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
+            matched = check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
             with quiet_loading():
                 setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
             setattr(self.config, f"lora_{name}", settings)
@@ -346,7 +346,7 @@ class PhiClipMLLM(nn.Module):
                 base = backbone.get_base_model() if has_lora else backbone
                 with quiet_loading():
                     base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
-                    base.save_pretrained(staging / f"{name}_model", state_dict=_without_lora(base.state_dict()))
+                    base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
                 if f"{name}_model" not in config.saved_backbones:
                     config.saved_backbones.append(f"{name}_model")
         adapter_state = {k: v.detach().contiguous() for k, v in self.vision_adapter.state_dict().items()}
@@ -452,51 +452,6 @@ def _read_adapter(file: Path, adapter: nn.Module) -> dict:
             "(adapter_dim or the backbones' widths differ from the run that wrote it)"
         )
     return state
-
-
-def _without_lora(state_dict: dict) -> dict:
-    # A LoRA-wrapped layer stores its frozen weight as `<layer>.base_layer.weight`; give back the plain names.
-    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
-
-
-def _lora_shape(settings: dict | None) -> dict:
-    """The LoRA settings that decide its weights' shapes and meaning (peft's defaults filled in)."""
-    settings = settings or {}
-    targets = settings.get("target_modules")
-    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
-    return {"r": settings.get("r", 8), "lora_alpha": settings.get("lora_alpha", 8), "target_modules": targets}
-
-
-def _check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:
-    """The names of the linear layers `target_modules` adapts (a list of names, a regex, or "all-linear").
-
-    peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
-    """
-    if not targets:
-        raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
-    output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-    linear = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer}
-    short_names = {name.rsplit(".", 1)[-1] for name in linear}
-    if targets == "all-linear":
-        return [name.rsplit(".", 1)[-1] for name in linear]
-    if isinstance(targets, str):  # peft: a regex that must match a module's full name
-        try:
-            matched = [name.rsplit(".", 1)[-1] for name in linear if re.fullmatch(targets, name)]
-        except re.error as error:
-            raise ValueError(f"{where}.target_modules: {targets!r} is not a valid regex ({error})") from None
-        if not matched:
-            raise ValueError(
-                f"{where}.target_modules: the regex {targets!r} matches no linear layer of {type(backbone).__name__} "
-                f"(it must match a whole name such as {next(iter(linear), '')!r}); layer names: {sorted(short_names)}"
-            )
-        return matched
-    dead = [t for t in targets if t not in short_names]
-    if dead:
-        raise ValueError(
-            f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "
-            f"available: {sorted(short_names)}"
-        )
-    return [name.rsplit(".", 1)[-1] for name in linear if name.rsplit(".", 1)[-1] in targets]
 
 
 @torch.no_grad()

@@ -1,0 +1,57 @@
+"""LoRA on the backbones: which linear layers a `target_modules` setting adapts, and the settings that shape it.
+
+peft builds and merges the LoRA layers; what it does not do is written here: name a target that matches nothing
+(peft passes a dead target silently when another one matches), compare two LoRA settings by what decides their
+weights, and give a LoRA-wrapped backbone's frozen weights back under their plain names.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+
+def without_lora(state_dict: dict) -> dict:
+    """A LoRA-wrapped backbone's state dict as the plain backbone's: no LoRA tensors, no `.base_layer.` in names."""
+    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
+
+
+def lora_shape(settings: dict | None) -> dict:
+    """The LoRA settings that decide its weights' shapes and meaning (peft's defaults filled in)."""
+    settings = settings or {}
+    targets = settings.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+    return {"r": settings.get("r", 8), "lora_alpha": settings.get("lora_alpha", 8), "target_modules": targets}
+
+
+def check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:
+    """The names of the linear layers `target_modules` adapts (a list of names, a regex, or "all-linear").
+
+    peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
+    """
+    if not targets:
+        raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
+    output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    linear = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer}
+    short_names = {name.rsplit(".", 1)[-1] for name in linear}
+    if targets == "all-linear":
+        return [name.rsplit(".", 1)[-1] for name in linear]
+    if isinstance(targets, str):  # peft: a regex that must match a module's full name
+        try:
+            matched = [name.rsplit(".", 1)[-1] for name in linear if re.fullmatch(targets, name)]
+        except re.error as error:
+            raise ValueError(f"{where}.target_modules: {targets!r} is not a valid regex ({error})") from None
+        if not matched:
+            raise ValueError(
+                f"{where}.target_modules: the regex {targets!r} matches no linear layer of {type(backbone).__name__} "
+                f"(it must match a whole name such as {next(iter(linear), '')!r}); layer names: {sorted(short_names)}"
+            )
+        return matched
+    dead = [t for t in targets if t not in short_names]
+    if dead:
+        raise ValueError(
+            f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "
+            f"available: {sorted(short_names)}"
+        )
+    return [name.rsplit(".", 1)[-1] for name in linear if name.rsplit(".", 1)[-1] in targets]
