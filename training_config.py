@@ -257,11 +257,6 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             require(isinstance(source, dict), f"{name}: a data source is a mapping with a format, got {source!r}")
             source.setdefault("on_bad_image", data["on_bad_image"])
             source.setdefault("on_bad_record", data["on_bad_record"])
-    if phase == "one":  # phase one builds a fresh model and trains its adapter only: these would be ignored
-        given = [k for k in ("peft_text", "peft_vision") if config[k]] + ["checkpoint.load_dir"] * bool(
-            ckpt["load_dir"]
-        )
-        require(not given, f"{' and '.join(given)} belong to phase two, which this config is for: drop --phase_one")
     loaded_lora = ("continue", "merge")
     require(
         ckpt["loaded_lora"] in loaded_lora,
@@ -273,6 +268,12 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     for name in ("peft_text", "peft_vision"):
         if config[name] is not None:
             _check_lora(config[name], name, require)
+    if phase == "one":  # phase one builds a fresh model and trains its adapter only: these would be ignored
+        given = [k for k in ("peft_text", "peft_vision") if config[k]]
+        given += ["checkpoint.load_dir"] if ckpt["load_dir"] else []
+        require(
+            not given, f"{' and '.join(given)}: phase two's settings (this config is for phase two): drop --phase_one"
+        )
     if phase == "two":
         require(
             config["peft_text"] or config["peft_vision"],

@@ -61,7 +61,7 @@ def test_demo_never_deletes_a_directory_the_user_names(tmp_path, capsys):
         (["--config", "training_configs/tiny.yaml", "--gpu_memory_gb", "12"], "--gpu_memory_gb only sizes a --dry_run"),
         (
             ["--phase_one", "--config", "training_configs/tiny_p2.yaml"],
-            "peft_text and peft_vision and checkpoint.load_",
+            "peft_text and peft_vision and checkpoint.load_dir: phase two's",
         ),
     ],
 )
