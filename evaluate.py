@@ -70,6 +70,7 @@ if __name__ == "__main__":
     read_arguments()  # answers --help and bad input before the imports below (~6 s)
 
 import json  # the heavy imports follow the early argument check above
+import logging
 import math
 import re
 import string
@@ -82,6 +83,8 @@ from tqdm import tqdm
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import choose_device, generate, load_checkpoint
 from model import PhiClipMLLM
+
+logger = logging.getLogger("evaluate")
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -166,8 +169,26 @@ def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> li
 def answer_accuracy(
     model: PhiClipMLLM, turns: list[dict], batch_size: int = 16, max_new_tokens: int = 32
 ) -> tuple[dict, list[dict]]:
-    """Greedy answers scored by exact match (normalize_caption) per answered turn; returns (metrics, answers)."""
-    answers = []
+    """Greedy answers scored by exact match (normalize_caption) per answered turn; returns (metrics, answers).
+
+    A turn whose conversation so far outgrows max_length is not answered (training cut such a conversation there;
+    a reply cannot start from a cut prompt): counted as `answer_turns_too_long`.
+    """
+    fitting = []
+    for turn in turns:
+        try:
+            model.processor.check(turn["history"], len(turn["images"]), add_generation_prompt=True)
+        except ValueError as error:
+            if "max_length" not in str(error):
+                raise
+            continue
+        fitting.append(turn)
+    if len(fitting) < len(turns):
+        logger.warning(
+            "%d answer turn(s) not answered: the conversation before them is longer than max_length",
+            len(turns) - len(fitting),
+        )
+    too_long, turns, answers = len(turns) - len(fitting), fitting, []
     for start in tqdm(range(0, len(turns), batch_size), desc="answers", leave=False, disable=None):
         chunk = turns[start : start + batch_size]
         replies = generate(model, [t["history"] for t in chunk], [t["images"] for t in chunk], max_new_tokens)
@@ -183,7 +204,8 @@ def answer_accuracy(
                 }
             )
     correct = sum(answer["correct"] for answer in answers)
-    return {"answer_accuracy": correct / max(len(answers), 1), "answered_turns": len(answers)}, answers
+    metrics = {"answer_accuracy": correct / max(len(answers), 1), "answered_turns": len(answers)}
+    return metrics | ({"answer_turns_too_long": too_long} if too_long else {}), answers
 
 
 def evaluate(

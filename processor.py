@@ -168,14 +168,16 @@ class PhiClipProcessor:
             batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
         return batch
 
-    def check(self, conversation: list[dict], n_images: int) -> None:
-        """Raise ValueError naming the problem when this training sample cannot be used as it is.
+    def check(self, conversation: list[dict], n_images: int, add_generation_prompt: bool = False) -> None:
+        """Raise ValueError naming the problem when this training sample (or prompt) cannot be used as it is.
 
         Problems: a placeholder count that differs from `n_images`, truncation to max_length that would cut into
-        an image or the prompt, or (UnusableSample) no answer token left after truncation. Text only: cheap.
+        an image or the prompt (any truncation of a prompt to generate from), or (UnusableSample) no answer token
+        left after truncation. Text only: cheap.
         """
-        text, spans = self.format_conversation(conversation)
+        text, spans = self.format_conversation(conversation, add_generation_prompt)
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [] if add_generation_prompt else spans
         self._encode(encoded["input_ids"], encoded["offset_mapping"], spans, n_images, "sample")
 
     @property
@@ -202,11 +204,12 @@ class PhiClipProcessor:
         ids, supervised = np.repeat(ids, repeats), np.repeat(supervised, repeats)
         if self.max_length is not None and len(ids) > self.max_length:
             image_positions = np.flatnonzero(ids == self.image_token_id)
-            if len(image_positions) and image_positions[-1] >= self.max_length or not spans:
+            cuts_image = len(image_positions) and image_positions[-1] >= self.max_length
+            if cuts_image or not spans:
                 raise ValueError(
                     f"{where} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
                     f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
-                    f"{'image' if len(image_positions) else 'prompt'}; raise model.max_length or shorten it"
+                    f"{'image' if cuts_image else 'prompt'}; raise model.max_length or shorten it"
                 )
             ids, supervised = ids[: self.max_length], supervised[: self.max_length]
         if spans and not supervised[1:].any():

@@ -100,7 +100,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
     assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
     # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost).
-    assert "max_length is 256: truncation would cut into the image; raise model.max_length or shorten it (/reset" in (
+    assert "max_length is 256: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
         result.stderr
     )
 

@@ -67,6 +67,12 @@ def test_evaluate_cli_reports_answer_accuracy_per_turn_on_a_llava_file(make_mode
         reference = f" {reply.upper()}!" if i % 2 == 0 else reply + " no"  # equal once normalised / not equal
         conversation = [{"from": "human", "value": question}, {"from": "gpt", "value": reference}]
         entries.append({"id": i, "conversations": conversation})
+    # Its second question outgrows max_length (256): trained on cut there, but never answered from a cut prompt.
+    long_talk = entries[0]["conversations"] + [
+        {"from": "human", "value": "what colour " * 150},
+        {"from": "gpt", "value": "x"},
+    ]
+    entries.append({"id": 4, "conversations": long_talk})
     (tmp_path / "talk.json").write_text(json.dumps(entries))
     config = {
         "checkpoint": {"output_dir": str(tmp_path / "unused")},
@@ -77,10 +83,11 @@ def test_evaluate_cli_reports_answer_accuracy_per_turn_on_a_llava_file(make_mode
     arguments = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "eval.yaml"), "--max_new_tokens", "3"]
     evaluate_cli.main([*arguments, "--batch_size", "3"])
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["answer_accuracy"] == 0.5 and metrics["answered_turns"] == 4
+    assert metrics["answer_accuracy"] == 0.6 and metrics["answered_turns"] == 5
+    assert metrics["answer_turns_too_long"] == 1
     assert math.isclose(metrics["perplexity"], math.exp(metrics["val_loss"]), rel_tol=1e-6)
     answers = json.loads((checkpoint / "answers_val.json").read_text())
-    assert [answer["correct"] for answer in answers] == [True, False, True, False]
+    assert [answer["correct"] for answer in answers] == [True, False, True, False, True]
     assert "exact_match" not in metrics and not (checkpoint / "captions_val.json").exists()
 
 

@@ -302,7 +302,9 @@ def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_name
         {"role": "assistant", "content": "a red circle"},
         {"role": "user", "content": "hi " * 300},
     ]
-    with pytest.raises(ValueError, match="max_length is 256"):  # never generated from a history cut at max_length
+    with pytest.raises(
+        ValueError, match="max_length is 256: truncation would cut into the prompt"
+    ):  # never from a cut one
         generate(model, [history], [[image]], max_new_tokens=4)
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}]
     with pytest.raises(ValueError, match=r"a conversation turn is \{'role': ..., 'content': 'text'\}"):
