@@ -215,7 +215,8 @@ def checkpoint_problem(path: str | Path) -> str | None:
     directory = directory.parent if directory.is_file() else directory
     if (directory / "config.json").is_file():  # loading names any file that is missing or broken
         return None
-    steps = sorted(int(p.name[11:]) for p in directory.glob("checkpoint-*") if p.name[11:].isdigit())
+    complete = [p for p in directory.glob("checkpoint-*") if (p / "checkpoint_complete").is_file()]  # trainer.py's
+    steps = sorted(int(p.name[11:]) for p in complete if p.name[11:].isdigit())
     if steps:  # train.py's output directory of a run that stopped before writing its final model
         return (
             f"holds no final model, only checkpoints of an unfinished run (the last: checkpoint-{steps[-1]}): finish "

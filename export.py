@@ -308,8 +308,9 @@ def export_llava(
 ) -> Path:
     """Write a transformers-native Llava directory of a checkpoint; returns it.
 
-    The checkpoint is loaded in fp32 and LoRA merged in fp32; with `check`, the Llava's logits must match ours on a
-    probe input (to 1e-4 of the logit scale) before anything is written. Then it is cast to `dtype` and saved.
+    The checkpoint is loaded in fp32 and LoRA merged in fp32; with `check`, the Llava's logits must match the model
+    as trained on a probe input (to 1e-4 of the logit scale; 3% for 8bit) before anything is written. Then it is
+    cast to `dtype` and saved.
     """
     out = Path(out)
     model = PhiClipMLLM.from_pretrained(checkpoint, dtype=torch.float32).eval()

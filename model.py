@@ -403,6 +403,8 @@ class PhiClipMLLM(nn.Module):
                 f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
                 f"({recorded_tokenizer!r}); load without it"
             )
+        if stored.get("attn_implementation") == "flex_attention":  # accepted before it was dropped; no weight
+            stored["attn_implementation"] = "sdpa"  # depends on it
         values = stored | runtime
         try:
             config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
@@ -482,6 +484,13 @@ def generate(
         if given:
             raise ValueError(f"0 prompts but {given} images: give one image (or list) per prompt")
         return []
+    taken = sorted(
+        {"inputs_embeds", "input_ids", "attention_mask", "eos_token_id", "pad_token_id"} & set(generate_kwargs)
+    )
+    if taken:
+        raise ValueError(
+            f"generate(): {taken} are set from the prompts and the checkpoint's stop tokens; leave them out"
+        )
     if isinstance(prompts, (list, tuple)) and isinstance(prompts[0], dict):  # one conversation, not a list of them
         prompts = [prompts]
     # The processor refuses bad input (an image that cannot be read) before the model's mode is touched.

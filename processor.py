@@ -278,9 +278,12 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: 
     MAX_RESIZED_PIXELS (an extreme aspect ratio: 20000x1 scales to 224 x 4,480,000) is refused before resizing.
     """
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
-            raise TypeError(f"an image array must be HxW or HxWxC (C 1, 3 or 4) uint8, got {image.shape} {image.dtype}")
-        image = Image.fromarray(image.squeeze(2) if image.ndim == 3 and image.shape[2] == 1 else image)
+        try:  # what PIL reads as an image: HxW (uint8, uint16, bool, ...) or HxWxC uint8 with C 2, 3 or 4
+            image = Image.fromarray(image)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"an image array must be HxW or HxWxC uint8 (as PIL reads), got {image.shape} {image.dtype}"
+            ) from None
     if isinstance(image, Image.Image):
         _check_resized_size(image.size, short_side, "image")
         return _to_rgb(_upright(image))

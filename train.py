@@ -268,7 +268,7 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
     model.prime_model("one")
 
 
-def _check_resume_point(resume_dir: Path, complete: list[Path], training_args: dict) -> None:
+def _check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int]) -> None:
     """Refuse a resume that would lose checkpoints or not continue where the run stopped."""
     step = int(resume_dir.name.rsplit("-", 1)[-1]) if re.fullmatch(r"checkpoint-\d+", resume_dir.name) else None
     later = [p.name for p in complete if step is not None and int(p.name.rsplit("-", 1)[-1]) > step]
@@ -278,11 +278,6 @@ def _check_resume_point(resume_dir: Path, complete: list[Path], training_args: d
             f"move them aside to go back to step {step}, or resume the latest"
         )
     saved = saved_batch_shape(resume_dir)
-    now = batch_shape(
-        int(os.environ.get("WORLD_SIZE", "1")),
-        training_args["batch_size"],
-        training_args["gradient_accumulation_steps"],
-    )
     if saved and math.prod(saved.values()) != math.prod(now.values()):
 
         def describe(shape: dict) -> str:
@@ -317,8 +312,10 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     )
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
-    if resume:
-        _check_resume_point(resume_dir, complete, config["training_args"])
+    if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
+        args = _training_arguments(config, str(output_dir))
+        now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
+        _check_resume_point(resume_dir, complete, now)
     if complete and not resume:
         if finished(complete[-1], config["training_args"]["max_steps"]):
             raise ConfigError(

@@ -113,9 +113,8 @@ class PhiClipTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's rng_state file is in before the marker
         if not self.args.should_save:
             return
-        shape = batch_shape(
-            self.args.world_size, self.args.per_device_train_batch_size, self.args.gradient_accumulation_steps
-        )
+        args = self.args  # train_batch_size: per process, times DataParallel's GPUs
+        shape = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
         with open(target / COMPLETE_MARKER, "w") as marker:
             marker.write(json.dumps({"step": self.state.global_step, **shape}) + "\n")
             marker.flush()
@@ -213,9 +212,9 @@ def saved_batch_shape(checkpoint: Path) -> dict[str, int] | None:
     """The batch shape recorded in a checkpoint's marker (None for a checkpoint written before it was recorded)."""
     try:
         recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
+        return {k: int(recorded[k]) for k in batch_shape(0, 0, 0)}
+    except (OSError, ValueError, TypeError, KeyError):  # a legacy "N" marker, or one edited by hand
         return None
-    return {k: recorded[k] for k in batch_shape(0, 0, 0)} if isinstance(recorded, dict) else None
 
 
 def finished(checkpoint: Path, max_steps: int = -1) -> bool:

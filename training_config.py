@@ -285,7 +285,10 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
         )
         problem = checkpoint_problem(ckpt["load_dir"]) if check_paths else None
-        require(not problem, f"checkpoint.load_dir {ckpt['load_dir']!r}: {problem}; phase two loads phase one's model")
+        first = (
+            "; run phase one first (python train.py --phase_one --config ...)" if problem == "no such directory" else ""
+        )
+        require(not problem, f"checkpoint.load_dir {ckpt['load_dir']!r}: {problem}{first}")
     # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
     paths = [
         (f"model.{k}", v)

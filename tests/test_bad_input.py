@@ -220,6 +220,7 @@ def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_
 
 def test_phase_two_from_an_unfinished_phase_one_says_how_to_go_on(tmp_path, demo_dir, capsys):
     (tmp_path / "p1" / "checkpoint-4").mkdir(parents=True)  # phase one killed before its final model
+    (tmp_path / "p1" / "checkpoint-4" / "checkpoint_complete").write_text("4\n")
     two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2")
     status, err = run(["--config", str(write(tmp_path / "two.yaml", two))], capsys)
     assert "holds no final model, only checkpoints of an unfinished run (the last: checkpoint-4)" in (

@@ -82,8 +82,10 @@ def test_evaluate_output_is_checked_before_evaluating(inputs, tmp_path, capsys, 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_unfinished_runs_directory_points_at_resume_or_its_last_checkpoint(command, inputs, tmp_path, capsys):
     run = tmp_path / "run"  # killed before its final model: checkpoints only
-    for step in (2, 10):
+    for step in (2, 10, 12):
         (run / f"checkpoint-{step}").mkdir(parents=True)
+        if step < 12:  # 12: killed while being written
+            (run / f"checkpoint-{step}" / "checkpoint_complete").write_text(f"{step}\n")
     line = one_error_line(COMMANDS[command], [*arguments(command, {**inputs, "checkpoint": str(run)})], capsys)
     assert "holds no final model, only checkpoints of an unfinished run (the last: checkpoint-10)" in line
     assert f"train.py --resume, or give {run / 'checkpoint-10'}" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -161,6 +162,12 @@ def test_checkpoint_round_trip_phase_one(make_model, tmp_path):
     _assert_same_logits(model, PhiClipMLLM.from_pretrained(tmp_path / "p1" / "model_checkpoint.pt").eval(), batch)
     with pytest.raises(FileNotFoundError, match="checkpoint-999: no such checkpoint directory"):
         PhiClipMLLM.from_pretrained(tmp_path / "p1" / "checkpoint-999")  # not p1 instead
+    legacy = json.loads((tmp_path / "p1" / "config.json").read_text()) | {"attn_implementation": "flex_attention"}
+    (tmp_path / "p1" / "config.json").write_text(json.dumps(legacy))  # accepted before flex_attention was dropped
+    legacy_model = PhiClipMLLM.from_pretrained(tmp_path / "p1").eval()
+    assert legacy_model.config.attn_implementation == "sdpa"  # tiny configs here run eager: close, not bit-equal
+    with torch.no_grad():
+        torch.testing.assert_close(legacy_model(**batch).logits, model(**batch).logits)
     with pytest.raises(ValueError, match="keeps the tokenizer its embeddings were trained with"):
         PhiClipMLLM.from_pretrained(tmp_path / "p1", tokenizer=str(tmp_path / "another_tokenizer"))
 
@@ -291,12 +298,14 @@ def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_name
     assert generate(model, conversation, [image], max_new_tokens=4) == expected  # one conversation, not wrapped
     for bad, message in (
         (torch.rand(3, 56, 56), "an image is a file path, a PIL image or a uint8 array, got Tensor"),
-        (pixels.astype(np.float64) / 255, r"an image array must be HxW or HxWxC \(C 1, 3 or 4\) uint8"),
+        (pixels.astype(np.float64) / 255, r"an image array must be HxW or HxWxC uint8 \(as PIL reads\)"),
         (pixels.transpose(2, 0, 1).copy(), r"got \(3, 64, 72\) uint8"),
         ("http://images.cocodataset.org/val2017/1.jpg", "http://images.cocodataset.org/val2017/1.jpg: URLs are not"),
     ):
         with pytest.raises((TypeError, ValueError), match=message):
             generate(model, PROMPTS[0], [bad], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"\['eos_token_id'\] are set from the prompts and the checkpoint's stop"):
+        generate(model, PROMPTS[0], [image], max_new_tokens=4, eos_token_id=3)
     history = [
         conversation[0],
         {"role": "assistant", "content": "a red circle"},
