@@ -218,6 +218,20 @@ def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_
     assert f"note: checkpoint.load_dir {str(tmp_path / 'not_yet')!r} holds no phase-one model yet" in out
 
 
+def test_checkpoint_markers_without_a_readable_batch_shape_skip_the_resume_batch_check(tmp_path):
+    from trainer import COMPLETE_MARKER, saved_batch_shape
+
+    shape = {"processes": 2, "batch_size": 4, "gradient_accumulation_steps": 1}
+    for text, expected in (
+        (json.dumps({"step": 4, **shape}), shape),
+        ("4\n", None),  # written before the shape was recorded
+        ('{"step": 4, "processes": 2}', None),  # edited by hand
+        ("not json", None),
+    ):
+        (tmp_path / COMPLETE_MARKER).write_text(text)
+        assert saved_batch_shape(tmp_path) == expected
+
+
 def test_phase_two_from_an_unfinished_phase_one_says_how_to_go_on(tmp_path, demo_dir, capsys):
     (tmp_path / "p1" / "checkpoint-4").mkdir(parents=True)  # phase one killed before its final model
     (tmp_path / "p1" / "checkpoint-4" / "checkpoint_complete").write_text("4\n")
