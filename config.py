@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,20 @@ class CommandLine(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+COMPLETE_MARKER = "checkpoint_complete"  # written last (trainer.py): a checkpoint directory without it is ignored
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint directories under output_dir that were fully written, oldest step first."""
+    # "checkpoint-N": transformers' PREFIX_CHECKPOINT_DIR, spelt out here because this module imports no torch.
+    found = {
+        int(p.name.split("-")[1]): p
+        for p in Path(output_dir).glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE_MARKER).is_file()
+    }
+    return [found[step] for step in sorted(found)]
+
+
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a PhiClipMLLM checkpoint directory (or a file inside one); None when it is one."""
     directory = Path(path).expanduser()
@@ -215,12 +230,11 @@ def checkpoint_problem(path: str | Path) -> str | None:
     directory = directory.parent if directory.is_file() else directory
     if (directory / "config.json").is_file():  # loading names any file that is missing or broken
         return None
-    complete = [p for p in directory.glob("checkpoint-*") if (p / "checkpoint_complete").is_file()]  # trainer.py's
-    steps = sorted(int(p.name[11:]) for p in complete if p.name[11:].isdigit())
-    if steps:  # train.py's output directory of a run that stopped before writing its final model
+    complete = complete_checkpoints(directory)
+    if complete:  # train.py's output directory of a run that stopped before writing its final model
         return (
-            f"holds no final model, only checkpoints of an unfinished run (the last: checkpoint-{steps[-1]}): finish "
-            f"it with train.py --resume, or give {directory / f'checkpoint-{steps[-1]}'}"
+            f"holds no final model, only checkpoints of an unfinished run (the last: {complete[-1].name}): finish "
+            f"it with train.py --resume, or give {complete[-1]}"
         )
     return "not a PhiClipMLLM checkpoint (no config.json); give train.py's output"
 

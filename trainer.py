@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import time
@@ -29,25 +28,14 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from backbones import read_config_file
-from config import ConfigError
+from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
 from dataset import BadImageError, BadRecordError
 from generate import generate
 from model import PhiClipMLLM
 
 logger = logging.getLogger("train")
 
-COMPLETE_MARKER = "checkpoint_complete"  # written last: a checkpoint directory without it is ignored
 LOCK_FILE = "train.lock"  # a live run's pid and host
-
-
-def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories under output_dir that were fully written, oldest step first."""
-    found = {
-        int(p.name.split("-")[1]): p
-        for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", p.name) and (p / COMPLETE_MARKER).is_file()
-    }
-    return [found[step] for step in sorted(found)]
 
 
 def publish(model: PhiClipMLLM, directory: Path) -> None:
