@@ -79,7 +79,8 @@ class ReplyStreamer(TextIteratorStreamer):
         self.released = 0
 
     def put(self, value: torch.Tensor) -> None:
-        if value.numel() == 0:  # generate() on embeddings first hands over an empty prompt
+        if self.next_tokens_are_prompt:  # generate() hands over the prompt's ids first
+            self.next_tokens_are_prompt = False
             return
         if value.dim() > 1 and value.shape[0] > 1:
             raise ValueError("ReplyStreamer streams one reply at a time")

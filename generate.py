@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stream:
         from transformers import TextStreamer
 
-        streamer = TextStreamer(model.tokenizer, skip_special_tokens=True)
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         text = generate(model, prompt, [args.image], max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
     except (BadImageError, ValueError) as error:

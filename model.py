@@ -508,7 +508,10 @@ def generate(
         pixel_values = batch.get("pixel_values")
         embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+        # The ids go along with the embeddings, as in Llava: processors that look at the prompt's tokens
+        # (repetition_penalty, no_repeat_ngram_size) see them; the output then starts with the prompt.
         output_ids = model.text_model.generate(
+            input_ids=input_ids,
             inputs_embeds=embeddings,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
@@ -523,5 +526,5 @@ def generate(
         )
     finally:
         model.train(was_training)
-    # Given only embeddings, the LM returns only the new tokens.
-    return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+    new_ids = output_ids[:, input_ids.shape[1] :]
+    return [text.strip() for text in model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]

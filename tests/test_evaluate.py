@@ -139,7 +139,8 @@ def test_generate_of_no_prompts_is_no_replies(make_model):
         generate(model, [], [random_image(0)])
 
 
-def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys):
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys, stream):
     model = make_model()
     model.save_pretrained(tmp_path / "ckpt")
     random_image(3).save(tmp_path / "photo.png")
@@ -153,6 +154,7 @@ def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys):
             "5",
             "--device",
             "cpu",
+            *stream,
         ]
     )
     printed = capsys.readouterr().out.strip()

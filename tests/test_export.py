@@ -95,10 +95,12 @@ class TokenRecorder:
     """A generate() streamer that keeps the new token ids of every row."""
 
     def __init__(self):
-        self.steps = []
+        self.steps, self.prompt = [], None
 
     def put(self, value):
-        if value.numel():  # the first call hands over the (empty, embeddings-only) prompt ids
+        if self.prompt is None:  # the first call hands over the prompt's ids
+            self.prompt = value
+        else:
             self.steps.append(value.reshape(-1))
 
     def end(self):

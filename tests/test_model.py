@@ -84,11 +84,19 @@ def test_greedy_generate_matches_llava(llava_shaped):
     assert generate(ours, PROMPTS, images, max_new_tokens=8) == peer_texts
 
 
-def test_other_generation_arguments_reach_the_lm_as_for_llava(llava_shaped):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_beams": 3, "length_penalty": 0.5, "min_new_tokens": 4},
+        {"repetition_penalty": 5.0},  # these two look at the prompt's tokens too
+        {"no_repeat_ngram_size": 1},
+    ],
+)
+def test_other_generation_arguments_reach_the_lm_as_for_llava(llava_shaped, options):
     ours, images = llava_shaped, [random_image(i) for i in range(3)]
     llava = llava_twin(ours)
     batch = ours.processor(PROMPTS, images, padding_side="left", add_generation_prompt=True)
-    options = {"max_new_tokens": 8, "num_beams": 3, "length_penalty": 0.5, "min_new_tokens": 4}
+    options = {"max_new_tokens": 8} | options
     with torch.no_grad():
         peer = llava.generate(
             **batch, **options, eos_token_id=ours.processor.stop_token_ids, pad_token_id=ours.processor.pad_token_id
