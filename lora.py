@@ -13,16 +13,35 @@ from torch import nn
 
 
 def without_lora(state_dict: dict) -> dict:
-    """A LoRA-wrapped backbone's state dict as the plain backbone's: no LoRA tensors, no `.base_layer.` in names."""
-    return {k.replace(".base_layer.", "."): v for k, v in state_dict.items() if "lora_" not in k}
+    """A LoRA-wrapped backbone's state dict as the plain backbone's: no LoRA tensors or trained copies of
+    `modules_to_save` (they live in the LoRA directory), no `.base_layer.` / `.original_module.` in names."""
+    return {
+        k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+        for k, v in state_dict.items()
+        if "lora_" not in k and ".modules_to_save." not in k
+    }
+
+
+# The LoRA settings that decide its weights' shapes and meaning, with peft's defaults.
+SHAPING_DEFAULTS = {
+    "r": 8,
+    "lora_alpha": 8,
+    "use_rslora": False,
+    "use_dora": False,
+    "bias": "none",
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
 
 
 def lora_shape(settings: dict | None) -> dict:
     """The LoRA settings that decide its weights' shapes and meaning (peft's defaults filled in)."""
     settings = settings or {}
+    shape = {key: settings.get(key) or default for key, default in SHAPING_DEFAULTS.items()}
     targets = settings.get("target_modules")
-    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
-    return {"r": settings.get("r", 8), "lora_alpha": settings.get("lora_alpha", 8), "target_modules": targets}
+    shape["target_modules"] = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+    return shape
 
 
 def check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:

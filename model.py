@@ -239,18 +239,24 @@ class PhiClipMLLM(nn.Module):
         """
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        self.requires_grad_(False)
+        for module in (self.text_model, self.vision_model, self.vision_adapter):
+            if not isinstance(module, PeftModel):  # a loaded LoRA keeps what peft marked trainable at load
+                module.requires_grad_(False)  # (LoRA, and biases or modules_to_save where so configured)
         for name, settings in (("text", text_lora), ("vision", vision_lora)):
             backbone, recorded = getattr(self, f"{name}_model"), getattr(self.config, f"lora_{name}")
             if isinstance(backbone, PeftModel):
-                if settings and lora_shape(settings) != lora_shape(recorded):
+                if not settings or lora_shape(settings) != lora_shape(recorded):
                     raise ValueError(
                         f"peft_{name}: the loaded model already has LoRA {lora_shape(recorded)}, which phase two "
-                        f"continues, but the config asks for {lora_shape(settings)}; use the same settings, or set "
-                        "checkpoint.loaded_lora: merge to merge the loaded LoRA and add a fresh one"
+                        f"continues, but the config asks for {lora_shape(settings) if settings else 'none'}; give "
+                        "the same settings, or set checkpoint.loaded_lora: merge to merge the loaded LoRA into the "
+                        "backbone (and add a fresh one where asked)"
                     )
-                for parameter_name, parameter in backbone.named_parameters():
-                    parameter.requires_grad_("lora_" in parameter_name)
+                if not any(p.requires_grad for p in backbone.parameters()):
+                    raise ValueError(
+                        f"the loaded LoRA on the {name} model is frozen: load the checkpoint with "
+                        "PhiClipMLLM.from_pretrained(..., trainable=True) to train it on"
+                    )
                 logger.info("LoRA on the %s model: continuing the loaded adapter %s", name, lora_shape(recorded))
                 continue
             if not settings:
@@ -416,7 +422,7 @@ class PhiClipMLLM(nn.Module):
                 lora_dir = path / f"lora_{name}"
                 if not (lora_dir / "adapter_config.json").is_file():
                     raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
-                backbone = getattr(model, f"{name}_model")
+                backbone = getattr(model, f"{name}_model").requires_grad_(False)
                 try:
                     with quiet_loading():
                         backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
@@ -424,12 +430,13 @@ class PhiClipMLLM(nn.Module):
                     raise CheckpointError(f"{lora_dir}: the LoRA adapter cannot be loaded ({error})") from None
                 setattr(model, f"{name}_model", backbone)
         model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
-        model.requires_grad_(False)
+        # Backbones were frozen before peft wrapped them; with is_trainable peft marked what its adapter trains.
+        model.vision_adapter.requires_grad_(False)
         if trainable:
             model.vision_adapter.float().requires_grad_(True)
-            for parameter_name, parameter in model.named_parameters():
-                if "lora_" in parameter_name:
-                    parameter.requires_grad_(True)
+        for name in ("text", "vision"):
+            if not isinstance(getattr(model, f"{name}_model"), PeftModel):
+                getattr(model, f"{name}_model").requires_grad_(False)
         return model.to(device) if device is not None else model
 
 

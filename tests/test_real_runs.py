@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -426,6 +427,32 @@ def test_09_phase_two_continues_or_merges_a_loaded_lora(tmp_path, demo_dir, phas
     merged = PhiClipMLLM.from_pretrained(tmp_path / "p4")
     assert merged.config.lora_text["r"] == 2 and "text_model" in merged.config.saved_backbones
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in _lora(tmp_path / "p4")} == {"o_proj"}
+
+
+def test_09_what_peft_trains_besides_lora_trains_on_after_resume_and_in_a_continuation(
+    tmp_path, demo_dir, phase_one_dir, caplog, capsys
+):
+    caplog.set_level(logging.INFO, logger="train")
+    two = phase_two_config(demo_dir, phase_one_dir, tmp_path / "p2", max_steps=2, save_steps=1, eval_steps=None)
+    two["peft_vision"] = dict(two["peft_vision"], bias="all")  # biases train too: their names hold no "lora_"
+    two["peft_text"] = dict(two["peft_text"], modules_to_save=["lm_head"])  # a trained copy of the output layer
+    path = write(tmp_path / "two.yaml", two)
+    assert train.main(["--config", str(path)]) == 0
+    assert train.main(["--config", str(path), "--resume", "--max_steps", "3"]) == 0
+    again = phase_two_config(demo_dir, tmp_path / "p2", tmp_path / "p3", max_steps=1, eval_steps=None)
+    again.update(peft_text=two["peft_text"], peft_vision=two["peft_vision"])
+    assert train.main(["--config", str(write(tmp_path / "three.yaml", again))]) == 0
+    counts = re.findall(r"training the adapter and LoRA, ([\d,]+) of", caplog.text)
+    assert len(counts) == 3 and len(set(counts)) == 1, counts  # fresh, resumed and continued: the same weights
+    reloaded = PhiClipMLLM.from_pretrained(tmp_path / "p3")  # the trained output layer is the one that computes
+    stored = load_file(tmp_path / "p3" / "lora_text" / "adapter_model.safetensors")
+    head = [v for k, v in stored.items() if "lm_head" in k]
+    assert len(head) == 1 and torch.equal(reloaded.text_model.get_output_embeddings().weight, head[0])
+
+    ignored = dict(again, peft_vision=None)  # a loaded LoRA that the config does not mention: no silent choice
+    ignored["checkpoint"] = {"load_dir": str(tmp_path / "p2"), "output_dir": str(tmp_path / "p4")}
+    assert train.main(["--config", str(write(tmp_path / "four.yaml", ignored))]) == 2
+    assert "peft_vision: the loaded model already has LoRA" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- 10. epochs, launchers
