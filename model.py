@@ -190,7 +190,6 @@ class PhiClipMLLM(nn.Module):
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-        **kwargs,
     ) -> PhiClipOutput:
         """Logits for every position, or (with labels) the mean loss over supervised positions only."""
         embeddings = self.embed(input_ids, pixel_values)

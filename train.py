@@ -70,7 +70,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, make_dataset
@@ -263,8 +263,11 @@ def text_warmup(model: PhiClipMLLM, train_set, config: dict) -> None:
         logging_steps=max(1, settings["steps"] // 5),
     )
     train_with_progress(
-        Trainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)), "text warm-up"
+        PhiClipTrainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)),
+        "text warm-up",
     )
+    if "text_model" not in model.config.saved_backbones:  # the LM changed: its name or path no longer loads it
+        model.config.saved_backbones.append("text_model")
     model.prime_model("one")
 
 

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT, SHARED_DATA, TINY_TEXT, TINY_VISION
 from safetensors.torch import load_file
+from transformers import Phi3Config, Phi3ForCausalLM
 
 import dry_run
 import train
@@ -221,6 +223,18 @@ def test_phases_write_loadable_models_rotate_checkpoints_and_log_progress(tmp_pa
     assert model.config.lora_text["r"] == 4 and (tmp_path / "p2" / "lora_vision").is_dir()
     assert isinstance(generate(model, "Describe this image. <|placeholder1|>", [bad.with_name("000001.png")])[0], str)
     assert train.main(["--config", str(two)]) == 2  # a fresh run refuses to mix with an earlier run's checkpoints
+
+
+def test_a_text_warm_up_of_a_local_lm_is_stored_in_the_checkpoint(tmp_path, demo_dir):
+    values = {k: v for k, v in TINY_TEXT.items() if k != "model_type"}
+    Phi3ForCausalLM(Phi3Config(**values)).save_pretrained(tmp_path / "lm")
+    one = tiny_config(demo_dir, tmp_path / "p1", text_warmup={"steps": 2, "batch_size": 8})
+    one["model"]["text_model"] = str(tmp_path / "lm")
+    one["training_args"].update(max_steps=1, eval_steps=None)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", one))]) == 0
+    reloaded = PhiClipMLLM.from_pretrained(tmp_path / "p1").text_model.get_input_embeddings().weight
+    original = Phi3ForCausalLM.from_pretrained(tmp_path / "lm").get_input_embeddings().weight
+    assert not torch.equal(reloaded, original)  # the adapter was trained against the warmed-up LM: that one
 
 
 def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir, capsys):
