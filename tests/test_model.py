@@ -192,9 +192,13 @@ def test_checkpoint_round_trip_phase_two_unmerged_and_merged(make_model, tmp_pat
     _assert_same_logits(model, reloaded, batch)
     with torch.no_grad():
         unmerged = model(**batch).logits
-    model.save_pretrained(tmp_path / "merged", merge_lora=True)
-    merged = PhiClipMLLM.from_pretrained(tmp_path / "merged").eval()
-    assert not (tmp_path / "merged" / "lora_text").exists()
+    (tmp_path / "p2" / "checkpoint-500").mkdir()  # a run's or a user's files beside the model
+    (tmp_path / "p2" / "notes.txt").write_text("mine")
+    model.save_pretrained(tmp_path / "p2", merge_lora=True)  # over the unmerged model
+    merged = PhiClipMLLM.from_pretrained(tmp_path / "p2").eval()
+    assert not (tmp_path / "p2" / "lora_text").exists() and (tmp_path / "p2" / "checkpoint-500").is_dir()
+    assert (tmp_path / "p2" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p2"]  # no staging left behind
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, unmerged, atol=1e-5, rtol=0)
 
