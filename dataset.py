@@ -260,13 +260,13 @@ def make_dataset(
         raise ValueError(f"max_samples must be a positive integer (or null for all), got {max_samples!r}")
     if kind == "coco":
         source = path("annotation_file")
-        records = read_coco(source, path("image_directory"), per_image, on_bad_record)
+        records = read_coco(source, path("image_directory"), per_image, on_bad_record, on_bad_image)
     elif kind == "cc_sbu_align":
         source = path("data_dir") / "filter_cap.json"
-        records = read_cc_sbu_align(path("data_dir"), per_image, on_bad_record)
+        records = read_cc_sbu_align(path("data_dir"), per_image, on_bad_record, on_bad_image)
     else:
         source = path("annotation_file")
-        records = read_llava(source, path("image_directory"), on_bad_record)
+        records = read_llava(source, path("image_directory"), on_bad_record, on_bad_image)
     if max_samples is not None:
         records = records[:max_samples]
     return ConversationDataset(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processor import IMAGE_TOKEN
+from processor import IMAGE_TOKEN, BadImageError
 
 logger = logging.getLogger("dataset")  # one logger for the data pipeline: readers and dataset alike
 
@@ -47,8 +47,8 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{path}: expected {what}, but it is not valid JSON ({error})") from error
 
 
-def _drop_missing(records: list[Record], source: Path) -> list[Record]:
-    """Keep records whose image files all exist; report the rest in one warning line."""
+def _drop_missing(records: list[Record], source: Path, on_bad_image: str = "skip") -> list[Record]:
+    """Keep records whose image files all exist; report the rest in one warning line (or error, by policy)."""
     # One directory listing per folder is far cheaper than a stat per file on big or networked data sets.
     listings: dict[str, set[str]] = {}
 
@@ -58,12 +58,22 @@ def _drop_missing(records: list[Record], source: Path) -> list[Record]:
             listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
         return name in listings[folder]
 
-    missing = sorted({file for record in records for file in record.images if not exists(file)})
+    files = {file for record in records for file in record.images}
+    missing = sorted(file for file in files if not exists(file))
+    if missing and on_bad_image == "error":
+        raise BadImageError(
+            f"{source}: {len(missing)} of {len(files)} image file(s) missing, e.g. {missing[0]} "
+            "(on_bad_image: skip excludes their samples)"
+        )
     if missing:
-        lost = set(missing)
+        lost, total = set(missing), len(files)
         records = [record for record in records if lost.isdisjoint(record.images)]
         logger.warning(
-            "%s: %d image file(s) missing, their samples excluded (e.g. %s)", source, len(missing), missing[0]
+            "%s: %d of %d image file(s) missing, their samples excluded (e.g. %s)",
+            source,
+            len(missing),
+            total,
+            missing[0],
         )
     return records
 
@@ -125,6 +135,7 @@ def read_coco(
     image_directory: str | os.PathLike,
     captions_per_image: str = "one",
     on_bad_record: str = "skip",
+    on_bad_image: str = "skip",
 ) -> list[Record]:
     """Caption records from a COCO captions JSON; images missing on disk and malformed entries are reported and
     excluded (duplicate image ids, orphan or empty captions, entries without ids: named in one warning line)."""
@@ -165,11 +176,14 @@ def read_coco(
     rejected.report("entries")
     kept = {ids[key]: [text for _, text in sorted(captions[key])] for key in files if captions.get(key)}
     files = {ids[key]: file for key, file in files.items()}
-    return _drop_missing(_caption_records(kept, files, captions_per_image), annotation_file)
+    return _drop_missing(_caption_records(kept, files, captions_per_image), annotation_file, on_bad_image)
 
 
 def read_cc_sbu_align(
-    data_dir: str | os.PathLike, captions_per_image: str = "one", on_bad_record: str = "skip"
+    data_dir: str | os.PathLike,
+    captions_per_image: str = "one",
+    on_bad_record: str = "skip",
+    on_bad_image: str = "skip",
 ) -> list[Record]:
     """Caption records from MiniGPT-4's stage-two set: ``filter_cap.json`` + ``image/{image_id}.jpg``."""
     data_dir = Path(data_dir)
@@ -188,7 +202,7 @@ def read_cc_sbu_align(
             captions[annotation["image_id"]].append(caption)
     rejected.report("entries")
     files = {key: str(data_dir / "image" / f"{key}.jpg") for key in captions}
-    return _drop_missing(_caption_records(captions, files, captions_per_image), annotation_file)
+    return _drop_missing(_caption_records(captions, files, captions_per_image), annotation_file, on_bad_image)
 
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -245,7 +259,10 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
 
 
 def read_llava(
-    annotation_file: str | os.PathLike, image_directory: str | os.PathLike | None, on_bad_record: str = "skip"
+    annotation_file: str | os.PathLike,
+    image_directory: str | os.PathLike | None,
+    on_bad_record: str = "skip",
+    on_bad_image: str = "skip",
 ) -> list[Record]:
     """Conversation records from LLaVA-Instruct JSON; entries without ``image`` become text-only samples.
 
@@ -281,4 +298,4 @@ def read_llava(
             len(trimmed),
             trimmed[0],
         )
-    return _drop_missing(records, annotation_file)
+    return _drop_missing(records, annotation_file, on_bad_image)

@@ -83,8 +83,12 @@ def test_coco_mini_counts_and_missing_report(caplog):
         one = D.make_dataset(coco_config("captions_val2017_mini.json", captions_per_image="one"))
     # Only 4 of the 79 mini-val images are on disk; the one warning line names the count and an example file.
     (record,) = [r for r in caplog.records if "missing" in r.getMessage()]
-    assert " 75 " in record.getMessage() and ".jpg" in record.getMessage()
+    assert " 75 of 79 image file(s) missing" in record.getMessage() and ".jpg" in record.getMessage()
     assert len(one) == 4
+    with pytest.raises(
+        D.BadImageError, match=r"captions_val2017_mini.json: 75 of 79 image file\(s\) missing, e.g. .*jpg"
+    ):
+        D.make_dataset(coco_config("captions_val2017_mini.json", on_bad_image="error"))  # as for a corrupt file
     all_captions = D.make_dataset(coco_config("captions_val2017_mini.json", captions_per_image="all"))
     assert len(all_captions) == 20
     assert {s["id"] for s in (all_captions.sample(i) for i in range(20))} == {r.id for r in one.records}
