@@ -83,6 +83,8 @@ from tqdm import tqdm
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import choose_device, generate, load_checkpoint
 from model import PhiClipMLLM
+from processor import IMAGE_TOKEN, BadImageError
+from sources import BadRecordError
 
 logger = logging.getLogger("evaluate")
 
@@ -161,13 +163,33 @@ def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> li
         history = sample["conversation"]
         for position, turn in enumerate(history):
             if turn["role"] == "assistant":
-                context = {"history": history[:position], "images": sample["images"], "reference": turn["content"]}
+                shown = sum(earlier["content"].count(IMAGE_TOKEN) for earlier in history[:position])
+                context = {"history": history[:position], "images": sample["images"][:shown]}
+                context["reference"] = turn["content"]
                 turns.append({"id": sample["id"], "turn": position, **context})
     return turns
 
 
+def generate_or_skip(model: PhiClipMLLM, prompts: list, images: list, max_new_tokens: int, on_bad_image: str) -> list:
+    """generate() for a batch; with on_bad_image "skip" a prompt whose image cannot be read gets None (and a
+    warning naming the file), as a training batch replaces it; with "error" the BadImageError stands."""
+    try:
+        return generate(model, prompts, images, max_new_tokens)
+    except BadImageError:
+        if on_bad_image == "error":
+            raise
+    replies = []
+    for prompt, image in zip(prompts, images):  # one by one, to find the bad ones
+        try:
+            replies += generate(model, [prompt], [image], max_new_tokens)
+        except BadImageError as error:
+            logger.warning("skipping bad image: %s", error)
+            replies.append(None)
+    return replies
+
+
 def answer_accuracy(
-    model: PhiClipMLLM, turns: list[dict], batch_size: int = 16, max_new_tokens: int = 32
+    model: PhiClipMLLM, turns: list[dict], batch_size: int = 16, max_new_tokens: int = 32, on_bad_image: str = "skip"
 ) -> tuple[dict, list[dict]]:
     """Greedy answers scored by exact match (normalize_caption) per answered turn; returns (metrics, answers).
 
@@ -188,11 +210,15 @@ def answer_accuracy(
             "%d answer turn(s) not answered: the conversation before them is longer than max_length",
             len(turns) - len(fitting),
         )
-    too_long, turns, answers = len(turns) - len(fitting), fitting, []
+    too_long, turns, answers, bad = len(turns) - len(fitting), fitting, [], 0
     for start in tqdm(range(0, len(turns), batch_size), desc="answers", leave=False, disable=None):
         chunk = turns[start : start + batch_size]
-        replies = generate(model, [t["history"] for t in chunk], [t["images"] for t in chunk], max_new_tokens)
+        prompts, images = [t["history"] for t in chunk], [t["images"] for t in chunk]
+        replies = generate_or_skip(model, prompts, images, max_new_tokens, on_bad_image)
         for turn, reply in zip(chunk, replies):
+            if reply is None:
+                bad += 1
+                continue
             answers.append(
                 {
                     "id": turn["id"],
@@ -205,7 +231,8 @@ def answer_accuracy(
             )
     correct = sum(answer["correct"] for answer in answers)
     metrics = {"answer_accuracy": correct / max(len(answers), 1), "answered_turns": len(answers)}
-    return metrics | ({"answer_turns_too_long": too_long} if too_long else {}), answers
+    metrics |= {"answer_turns_too_long": too_long} if too_long else {}
+    return metrics | ({"answer_turns_bad_image": bad} if bad else {}), answers
 
 
 def evaluate(
@@ -228,13 +255,17 @@ def evaluate(
         predictions = {}
         for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):
             chunk = ids[start : start + batch_size]
-            texts = generate(model, [queries[k][0] for k in chunk], [queries[k][1] for k in chunk], max_new_tokens)
-            predictions.update(zip(chunk, texts))
-        metrics.update(caption_scores(predictions, references))
-        metrics["images"] = len(ids)
-        results["captions"] = [{"image_id": k, "caption": predictions[k]} for k in ids]
+            prompts, images = [queries[k][0] for k in chunk], [queries[k][1] for k in chunk]
+            texts = generate_or_skip(model, prompts, images, max_new_tokens, dataset.on_bad_image)
+            predictions.update((k, text) for k, text in zip(chunk, texts) if text is not None)
+        metrics.update(caption_scores(predictions, {k: references[k] for k in predictions}))
+        metrics["images"] = len(predictions)
+        if len(predictions) < len(ids):
+            metrics["bad_images"] = len(ids) - len(predictions)
+        results["captions"] = [{"image_id": k, "caption": predictions[k]} for k in ids if k in predictions]
     if talks:
-        scores, results["answers"] = answer_accuracy(model, answered_turns(dataset, limit), batch_size, max_new_tokens)
+        turns = answered_turns(dataset, limit)
+        scores, results["answers"] = answer_accuracy(model, turns, batch_size, max_new_tokens, dataset.on_bad_image)
         metrics.update(scores)
     return metrics, results
 
@@ -261,9 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{args.config}: data.{args.split}: {error}")
     model = load_checkpoint(args.checkpoint, device)
     dataset.attach(model.processor)  # a sample too long for max_length is skipped and counted, as in training
-    metrics, results = evaluate(
-        model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
-    )
+    try:
+        metrics, results = evaluate(
+            model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
+        )
+    except (BadImageError, BadRecordError) as error:  # on_bad_*: error
+        fail(f"{args.config}: data.{args.split}: {error}")
     files = result_files(Path(args.checkpoint).expanduser(), args.split, args.output)
     if results["captions"]:
         files["captions"].write_text(json.dumps(results["captions"], indent=1) + "\n")

@@ -132,6 +132,41 @@ def test_evaluate_output_puts_every_result_file_beside_it(make_model, tmp_path, 
     )
 
 
+def test_evaluate_skips_a_bad_image_and_answers_turns_before_the_image_is_shown(make_model, tmp_path, capsys):
+    import evaluate as evaluate_cli
+
+    (tmp_path / "images").mkdir()
+    for image_id in (1, 2):
+        random_image(image_id).save(tmp_path / "images" / f"{image_id}.png")
+    (tmp_path / "images" / "3.png").write_bytes(b"not a png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in (1, 2, 3)],
+        "annotations": [{"id": i, "image_id": i, "caption": "a red circle"} for i in (1, 2, 3)],
+    }
+    turns = [("human", "Say hello."), ("gpt", "hello"), ("human", "<image>\nWhich colour?"), ("gpt", "red")]
+    talk = [{"id": 0, "image": "1.png", "conversations": [{"from": f, "value": v} for f, v in turns]}]
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    (tmp_path / "talk.json").write_text(json.dumps(talk))
+    images = str(tmp_path / "images")
+    sources = [
+        {"format": "coco", "annotation_file": str(tmp_path / "captions.json"), "image_directory": images},
+        {"format": "llava", "annotation_file": str(tmp_path / "talk.json"), "image_directory": images},
+    ]
+    config = {"checkpoint": {"output_dir": str(tmp_path / "unused")}, "data": {"val": sources, "num_workers": 0}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    checkpoint = make_model().save_pretrained(tmp_path / "model")
+    arguments = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "eval.yaml"), "--max_new_tokens", "2"]
+    evaluate_cli.main(arguments)
+    metrics = json.loads(capsys.readouterr().out)
+    assert (metrics["images"], metrics["bad_images"], metrics["answered_turns"]) == (2, 1, 2)
+    for source in sources:
+        source["on_bad_image"] = "error"
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_cli.main(arguments)
+    assert exit_.value.code == 2 and "3.png: cannot be decoded as an image" in capsys.readouterr().err
+
+
 def test_generate_of_no_prompts_is_no_replies(make_model):
     model = make_model()
     assert generate(model, [], []) == [] and generate(model, []) == []
