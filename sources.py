@@ -1,9 +1,10 @@
 """Data sources -> records: the COCO captions, cc_sbu_align and LLaVA-Instruct formats read and checked.
 
 A record is one sample before its per-epoch choices (dataset.py draws the instruction and caption, and loads the
-images). Each reader checks every entry of its file: malformed, empty or unanswerable entries, and entries whose image
-files are missing, are excluded and named in one warning line per file (example ids), or (``on_bad_record:
-"error"``) stop the run at the first, naming the file and the record.
+images). Each reader checks every entry of its file: malformed, empty or unanswerable entries, text holding a Phi-3
+control token, and entries whose image files are missing, are excluded and named in one warning line per file (example
+ids), or stop the run at the first, naming the file and the record (``on_bad_record: "error"``; for missing image
+files ``on_bad_image: "error"``).
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def _id_order(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, int) else (1, 0, str(value))
 
 
+# Text like "<|end|>" would be read by Phi-3's tokenizer as its control token: an answer would teach to stop
+# mid-sentence, and a stray "<|placeholder1|>" would take an image's place. Such text is rejected, not trained on.
+CONTROL_TOKEN = re.compile(r"<\|\w+\|>")
+CONTROL_REASON = "texts holding a control token such as <|end|> (the tokenizer would read it as markup)"
+
+
 def _caption_of(annotation: Any, key: str) -> str | None:
     if not isinstance(annotation, dict) or not _usable_id(annotation.get(key)):
         return None
@@ -169,6 +176,8 @@ def read_coco(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
+        elif CONTROL_TOKEN.search(caption):
+            rejected.add(CONTROL_REASON, annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) not in listed:
             rejected.add("annotations of an image id not in 'images'", annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) in files:
@@ -198,6 +207,8 @@ def read_cc_sbu_align(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
+        elif CONTROL_TOKEN.search(caption):
+            rejected.add(CONTROL_REASON, annotation["image_id"])
         else:
             captions[annotation["image_id"]].append(caption)
     rejected.report("entries")
@@ -230,10 +241,16 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
     turns = entry.get("conversations")
     if not isinstance(turns, list):
         return "entries without a 'conversations' list", [], []
-    if not all(
-        isinstance(t, dict) and t.get("from") in _LLAVA_ROLES and isinstance(t.get("value"), str) for t in turns
-    ):
-        return "conversations with a turn that is not {'from': human|gpt, 'value': text}", [], []
+    for turn in turns:
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            found = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            return f"conversations with a turn that is not {{'from', 'value'}} (found {found})", [], []
+        if turn["from"] not in _LLAVA_ROLES:
+            return f"conversations with a turn from {turn['from']!r} (expected human or gpt)", [], []
+        if not isinstance(turn["value"], str):
+            return f"conversations with a turn whose value is {type(turn['value']).__name__}, not text", [], []
+        if CONTROL_TOKEN.search(turn["value"]):
+            return CONTROL_REASON, [], []
     if not turns:
         return "empty conversations (no turns)", [], []
     turns = [(_LLAVA_ROLES[turn["from"]], turn["value"]) for turn in turns]
@@ -267,8 +284,8 @@ def read_llava(
     """Conversation records from LLaVA-Instruct JSON; entries without ``image`` become text-only samples.
 
     Malformed entries (not an object, no conversations, null values, an ``image`` that is not a file name, no
-    question or no answer, an empty answer, ``<image>`` in an answer, marker/image count mismatch) are excluded and
-    named in one warning line.
+    question or no answer, an empty answer, ``<image>`` in an answer, marker/image count mismatch, a control token such
+    as ``<|end|>`` in the text) are excluded and named in one warning line.
     """
     annotation_file = Path(annotation_file)
     if image_directory is not None:

@@ -95,6 +95,9 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
         {"id": "image_not_a_name", "image": 7, "conversations": GOOD},
         "not an object",
         {"id": 12, "conversations": [turn("human", "int id"), turn("gpt", "fine")]},
+        {"id": "system", "conversations": [turn("system", "Be brief."), turn("human", "Hi"), turn("gpt", "Hi")]},
+        {"id": "hf_keys", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]},
+        {"id": "markup", "conversations": [turn("human", "What does it say?"), turn("gpt", "It says <|end|> here")]},
     ]
     path = llava_file(tmp_path, entries)
     with caplog.at_level(logging.WARNING, logger="dataset"):
@@ -102,13 +105,16 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
     assert [r.id for r in records] == ["ok", "text_only", "gpt_first", 12]
     assert records[2].conversation[0] == ("user", "<|placeholder1|> What colour?")  # the gpt opener is dropped
     log = caplog.text
-    assert f"{path}: 7 conversation(s) excluded" in log
+    assert f"{path}: 10 conversation(s) excluded" in log
     for reason, record_id in [
         ("without a gpt turn", "human_only"),
         ("empty conversations (no turns)", "empty"),
         ("gpt turns only", "gpt_only"),
         ("without a 'conversations' list", "no_conversations"),
-        ("turn that is not", "null_value"),
+        ("a turn whose value is NoneType, not text", "null_value"),
+        ("a turn from 'system' (expected human or gpt)", "system"),
+        ("not {'from', 'value'} (found ['content', 'role'])", "hf_keys"),
+        ("a control token such as <|end|>", "markup"),
         ("'image' is not a file name", "image_not_a_name"),
         ("not JSON objects", "9"),
     ]:
@@ -138,6 +144,7 @@ def test_02_odd_coco_annotations_are_excluded_and_named(tmp_path, caplog):
             {"id": 14, "image_id": 3, "caption": "ambiguous"},
             {"id": 15, "image_id": 99, "caption": "orphan"},
             {"id": "16", "image_id": 1, "caption": "a square"},
+            {"id": 17, "image_id": 1, "caption": "a sign reading <|user|>"},
         ],
     }
     path = tmp_path / "captions.json"
@@ -154,6 +161,7 @@ def test_02_odd_coco_annotations_are_excluded_and_named(tmp_path, caplog):
         "image ids listed more than once (e.g. id 3)",
         "not in 'images' (e.g. id 15)",
         "non-empty caption",
+        "control token such as <|end|> (the tokenizer would read it as markup) (e.g. id 17)",
     ):
         assert fragment in log, log
     assert "images[4]" in log and "annotations[2]" in log and "annotations[3]" in log
