@@ -33,7 +33,7 @@ from backbones import (
     quiet_loading,
     read_config_file,
 )
-from config import PhiClipConfig
+from config import ConfigError, PhiClipConfig
 from lora import check_lora_targets, lora_shape, without_lora
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 from quantization import dequantized, is_quantized, logical_numel
@@ -112,6 +112,12 @@ class PhiClipMLLM(nn.Module):
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.tokenizer = tokenizer or load_tokenizer(config, ckpt)
         self.text_model = load_backbone(config, "text", ckpt, dtype, self.tokenizer, device)
+        positions = getattr(self.text_model.config, "max_position_embeddings", None)
+        if positions and config.max_length > positions:  # past them RoPE extrapolates: quality falls, no error
+            raise ConfigError(
+                f"model.max_length={config.max_length} is longer than the text model's {positions} positions "
+                "(max_position_embeddings); use at most that"
+            )
         vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer, device)
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
