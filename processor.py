@@ -81,21 +81,23 @@ class PhiClipProcessor:
     def format_conversation(self, conversation: list[dict], add_generation_prompt: bool = False):
         """Return (text, supervised character spans) for a list of {"role", "content"} turns."""
         text, spans = "", []
+        for turn in conversation:
+            if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
+                raise ValueError(
+                    f"a conversation turn is {{'role': 'user' or 'assistant', 'content': 'text'}} with {IMAGE_TOKEN} "
+                    f"where an image goes, got {turn!r:.120}"
+                )
         if (
             len(conversation) == 1
             and conversation[0]["role"] == "user"
             and any(tag in conversation[0]["content"] for tag in ("<|user|>", "<|assistant|>"))
         ):  # already in chat markup: take it verbatim
             text = conversation[0]["content"]
-            if add_generation_prompt and not text.rstrip().endswith("<|assistant|>"):
+            chat = self.prompt_format == "chat"
+            if add_generation_prompt and chat and not text.rstrip().endswith("<|assistant|>"):
                 text += "<|assistant|>\n"
             return text, spans
         for turn in conversation:
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-                raise ValueError(
-                    f"a conversation turn is {{'role': ..., 'content': 'text'}} with {IMAGE_TOKEN} where an image "
-                    f"goes, got {turn!r:.120}"
-                )
             role, content = turn["role"], turn["content"].strip()
             if role == "user":
                 # seed: no space after the separator (Phi-3's tokenizer strips it anyway), so answers start a word
@@ -195,6 +197,7 @@ class PhiClipProcessor:
         supervised = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             supervised |= (np.minimum(token_end, end) - np.maximum(token_start, start)) > 0
+        supervised[:1] = False  # nothing comes before the first token to predict it (Trainer counts it otherwise)
         n_placeholders = int((ids == self.image_token_id).sum())
         if n_placeholders != n_images:
             raise ValueError(
@@ -212,7 +215,7 @@ class PhiClipProcessor:
                     f"{'image' if cuts_image else 'prompt'}; raise model.max_length or shorten it"
                 )
             ids, supervised = ids[: self.max_length], supervised[: self.max_length]
-        if spans and not supervised[1:].any():
+        if spans and not supervised.any():
             raise UnusableSample(
                 f"{where} has no supervised answer tokens left after truncation to max_length="
                 f"{self.max_length}; raise model.max_length or shorten the prompt"

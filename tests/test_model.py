@@ -151,6 +151,30 @@ def test_multi_turn_labels_cover_assistant_turns_only(make_model):
     assert _supervised_text(processor, batch, 1) == "a red circle<|end|>"
 
 
+@pytest.mark.parametrize("prompt_format", ["chat", "seed"])
+def test_processor_edge_inputs(make_model, prompt_format):
+    processor = make_model(prompt_format=prompt_format).processor
+    end = {"chat": "<|end|>", "seed": "<|endoftext|>"}[prompt_format]
+    assert processor.stop_token_ids == sorted(processor.tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"]))
+    # An answer at position 0 cannot be predicted: never supervised, so Trainer's token count is the model's.
+    batch = processor(conversations=[[{"role": "assistant", "content": "hello there"}]])
+    assert batch["labels"][0, 0] == -100 and _supervised_text(processor, batch, 0).endswith(end)
+    for bad in ([{"content": "hi"}], ["hello"], [{"role": "user", "content": None}]):
+        with pytest.raises(ValueError, match="a conversation turn is"):
+            processor(conversations=[bad])
+    # A prompt already in chat markup is taken verbatim; the chat format adds the reply prompt once.
+    for markup in ("<|user|>\nhi<|end|>\n", "<|user|>\nhi<|end|>\n<|assistant|>\n"):
+        text, _ = processor.format_conversation([{"role": "user", "content": markup}], add_generation_prompt=True)
+        assert text.count("<|assistant|>") == (1 if prompt_format == "chat" else markup.count("<|assistant|>"))
+
+
+def test_normalized_adapter_gives_unit_vectors_per_image_token(make_model):
+    model = make_model(normalize=True)
+    with torch.no_grad():
+        features = model.encode_images(model.processor([PROMPTS[0]], [random_image(0)])["pixel_values"])
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(features.shape[:2]))
+
+
 def test_mixed_text_only_and_image_batch(make_model):
     model = make_model()
     batch = model.processor(["Hello, what colour?", PROMPTS[0]], [None, random_image(0)], ["blue", "a red circle"])
@@ -242,6 +266,8 @@ def test_trainable_parameters_and_gradients(make_model):
     model.zero_grad()
     model(**batch).loss.backward()
     assert all(params[n].grad.abs().sum() > 0 for n in trainable if "lora_" in n)
+    half = PhiClipMLLM(model.config.__class__.from_dict(make_model().config.to_dict()), dtype=torch.bfloat16)
+    assert next(half.setup_lora(TEXT_LORA).vision_adapter.parameters()).dtype == torch.float32  # mixed precision
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(make_model):
