@@ -356,7 +356,9 @@ def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_name
     ):  # never from a cut one
         generate(model, [history], [[image]], max_new_tokens=4)
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}]
-    with pytest.raises(ValueError, match=r"a conversation turn is \{'role': ..., 'content': 'text'\}"):
+    with pytest.raises(
+        ValueError, match=r"a conversation turn is \{'role': 'user' or 'assistant', 'content': 'text'\}"
+    ):
         generate(model, parts, [image], max_new_tokens=4)
 
 
