@@ -235,6 +235,11 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{path}: {error}") from None
         _check_feature_layer(model, require)
+        require(
+            phase == "two" or not isinstance(model.text_model, dict) or model.tokenizer,
+            "model.tokenizer is required with an inline text_model (a random LM has no tokenizer of its own): "
+            "a tokenizer directory or hub id, e.g. microsoft/Phi-3-mini-4k-instruct",
+        )
     data, args, ckpt = config["data"], config["training_args"], config["checkpoint"]
     # The original's data sections: phase_one (COCO captions) trains phase one, phase_two (a cc_sbu_align
     # directory) phase two; its phase-two file carries both.

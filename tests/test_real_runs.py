@@ -561,6 +561,7 @@ def test_10_accelerate_launch_runs_train_py(tmp_path, demo_dir):
         ({"model": {"vision_feature_layer": -5}}, [], "vision_feature_layer=-5 is outside the vision model's 3 layers"),
         ({"model": {"attn_implementation": "flash"}}, [], "model.attn_implementation: expected one of"),
         ({"model": {"max_length": 600}}, [], "model.max_length=600 is longer than the text model's 512 positions"),
+        ({"model": {"tokenizer": None}}, [], "model.tokenizer is required with an inline text_model"),
         ({"peft_text": {"r": 0, "target_modules": ["qkv_proj"]}}, [], "peft_text.r must be a positive integer, got 0"),
         ({"peft_vision": {"target_modules": [3]}}, [], "peft_vision.target_modules must be a list of module names"),
         ({"checkpoint": {"loaded_lora": "keep"}}, [], "checkpoint.loaded_lora must be one of ('continue', 'merge')"),
