@@ -225,6 +225,8 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a PhiClipMLLM checkpoint directory (or a file inside one); None when it is one."""
     directory = Path(path).expanduser()
+    if not directory.exists() and directory.suffix and (directory.parent / "config.json").is_file():
+        return None  # a file named inside a checkpoint: the original passed .../model_checkpoint.pt
     if not directory.exists():
         return "no such directory"
     directory = directory.parent if directory.is_file() else directory

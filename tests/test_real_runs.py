@@ -26,7 +26,7 @@ import dataset as D
 import train
 import trainer
 from backbones import CheckpointError
-from config import ConfigError
+from config import ConfigError, checkpoint_problem
 from model import PhiClipMLLM
 from processor import BadImageError, load_image
 from training_config import load_config
@@ -739,6 +739,8 @@ def test_16_the_original_api_and_config_files_work(tmp_path, demo_dir, phase_one
     from model import generate
 
     model = PhiClipMLLM.from_pretrained(phase_one_dir / "model_checkpoint.pt", dtype=torch.float32)
+    assert checkpoint_problem(phase_one_dir / "model_checkpoint.pt") is None  # generate.py etc. take it as well
+    assert checkpoint_problem(tmp_path / "nowhere" / "model_checkpoint.pt") == "no such directory"
     assert isinstance(
         generate(model, ["Describe this image <|placeholder1|> "], images=[demo_dir / "images" / "000001.png"])[0], str
     )
