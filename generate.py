@@ -19,7 +19,11 @@ def command_line() -> argparse.ArgumentParser:
     parser = CommandLine(description="Caption or answer about an image with a PhiClipMLLM checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
     parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction; {IMAGE_TOKEN} is added when missing")
+    parser.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"instruction; {IMAGE_TOKEN} (or <image>) marks where the image goes, at the end when missing",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     args = command_line().parse_args(argv)
     check_arguments(args)
     device = choose_device(args.device)
-    prompt = args.prompt if IMAGE_TOKEN in args.prompt else f"{args.prompt} {IMAGE_TOKEN}"
+    prompt = args.prompt.replace("<image>", IMAGE_TOKEN)  # LLaVA's marker, as in training data
+    prompt = prompt if IMAGE_TOKEN in prompt else f"{prompt} {IMAGE_TOKEN}"
     model = load_checkpoint(args.checkpoint, device)
     streamer = None
     if args.stream:

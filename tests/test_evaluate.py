@@ -13,7 +13,7 @@ from conftest import random_image
 import generate as generate_cli
 from dataset import make_dataset
 from evaluate import caption_scores, evaluate, normalize_caption
-from model import PhiClipMLLM, generate
+from model import IMAGE_TOKEN, PhiClipMLLM, generate
 from shapes import make_demo
 
 
@@ -197,3 +197,9 @@ def test_generate_cli_prints_the_caption(make_model, tmp_path, capsys, stream):
     with torch.no_grad():
         expected = generate_cli.generate(reloaded, generate_cli.DEFAULT_PROMPT, [tmp_path / "photo.png"], 5)[0]
     assert printed == expected
+    llava_style = generate_cli.DEFAULT_PROMPT.replace(IMAGE_TOKEN, "<image>")  # LLaVA's marker means the same
+    generate_cli.main(
+        ["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "photo.png")]
+        + ["--max_new_tokens", "5", "--device", "cpu", "--prompt", llava_style, *stream]
+    )
+    assert capsys.readouterr().out.strip() == expected
