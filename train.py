@@ -77,6 +77,7 @@ from dataset import BadImageError, BadRecordError, Collator, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
     COMPLETE_MARKER,
+    EpochDraws,
     PhiClipTrainer,
     ProgressReport,
     batch_shape,
@@ -363,6 +364,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         data_collator=Collator(model.processor),
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
+    trainer.add_callback(EpochDraws(train_set))
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
     for callback in callbacks:
         trainer.add_callback(callback)

@@ -104,9 +104,21 @@ class PhiClipTrainer(Trainer):
             shutil.rmtree(directory, ignore_errors=True)
 
 
+class EpochDraws(TrainerCallback):
+    """Tells the training set each epoch's number, from which it draws that epoch's instructions and captions."""
+
+    def __init__(self, train_set) -> None:
+        self.train_set = train_set
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # accelerate's sharded loader (several processes) does not pass the epoch on to the dataset; the workers
+        # copy it when the epoch's iterator starts.
+        self.train_set.set_epoch(math.floor((state.epoch or 0) + 1e-6))
+
+
 class ProgressReport(TrainerCallback):
     """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
-    the epoch's draws at each epoch start; skipped-sample counts at each epoch end."""
+    skipped-sample counts at each epoch end."""
 
     def __init__(self, trainer: PhiClipTrainer, val_set, count: int):
         self.trainer, self.samples = trainer, []
@@ -119,11 +131,6 @@ class ProgressReport(TrainerCallback):
                 self.samples.append(sample)
             if len(self.samples) == count:
                 break
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        # accelerate's sharded loader (several processes) does not pass the epoch on to the dataset, whose
-        # instructions and captions are drawn per epoch; the workers copy it when the epoch's iterator starts.
-        self.trainer.train_dataset.set_epoch(math.floor((state.epoch or 0) + 1e-6))
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if not (state.is_world_process_zero and self.samples):
@@ -152,14 +159,23 @@ class ProgressReport(TrainerCallback):
 
 
 class LogLines(TrainerCallback):
-    """One labelled log line per logging step (Trainer itself prints bare dicts or writes through its bar)."""
+    """One labelled log line per logging step, with the time left at this run's pace (Trainer itself prints bare
+    dicts, or writes through its bar, whose estimate a captured log never shows)."""
 
     def __init__(self, stage: str):
-        self.stage = stage
+        self.stage, self.start = stage, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = (time.monotonic(), state.global_step)  # a resumed run starts past step 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+            started, first_step = self.start or (time.monotonic(), state.global_step)
+            done, elapsed = state.global_step - first_step, time.monotonic() - started
+            if done > 0 and state.max_steps > state.global_step:
+                left = round(elapsed / done * (state.max_steps - state.global_step))
+                values += f", left {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
             logger.info("%s step %d/%d: %s", self.stage, state.global_step, state.max_steps, values)
 
 

@@ -159,7 +159,12 @@ def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
     }
     one = {
         **common,
-        "model": {"text_model": dict(TINY_TEXT), "vision_model": dict(TINY_VISION), "adapter_dim": 16},
+        "model": {
+            "text_model": dict(TINY_TEXT),
+            "vision_model": dict(TINY_VISION),
+            "adapter_dim": 16,
+            "max_length": 128,
+        },
         "checkpoint": {"output_dir": str(tmp_path / "p1")},
         "text_warmup": {"steps": 2, "batch_size": 4},
     }
@@ -188,3 +193,4 @@ def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
         assert announced in log, log
     for labelled in ("text warm-up step 1/2: loss", "phase one step 2/2: eval_loss", "phase two step 1/2: loss"):
         assert labelled in log, log
+    assert re.search(r"phase two step 1/2: loss .*, left \d+:\d\d:\d\d$", log, re.M), log  # time left at this pace
