@@ -79,7 +79,7 @@ class PhiClipConfig:
     vision_feature_layer: int = -1  # hidden_states index: -1 = last layer (seed), -2 = LLaVA's choice
     keep_cls: bool = True  # the seed keeps CLS (257 tokens for CLIP-L/14 at 224 px), LLaVA drops it (256)
     prompt_format: str = "chat"  # "chat" (Phi-3 chat template) or "seed" (the original raw text)
-    max_length: int = 1024  # tokens per sample, image tokens included
+    max_length: int | None = None  # tokens per sample, image tokens included; None: 1024 or the LM's positions
     attn_implementation: str = "sdpa"
     quantize: str | None = None  # "8bit" / "4bit": the LM is loaded quantised by bitsandbytes (QLoRA in phase two)
     lora_text: dict | None = None  # the peft LoRA settings applied, recorded by setup_lora
@@ -99,8 +99,8 @@ class PhiClipConfig:
             raise ValueError(f"model.prompt_format: expected one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
         if self.adapter_dim is not None and (not is_int(self.adapter_dim) or self.adapter_dim <= 0):
             raise ValueError(f"model.adapter_dim: expected a positive integer or null, got {self.adapter_dim!r}")
-        if not is_int(self.max_length) or self.max_length <= 0:
-            raise ValueError(f"model.max_length: expected a positive integer, got {self.max_length!r}")
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
+            raise ValueError(f"model.max_length: expected a positive integer or null, got {self.max_length!r}")
         if not is_int(self.vision_feature_layer) or self.vision_feature_layer == 0:
             raise ValueError(
                 f"model.vision_feature_layer: expected a non-zero integer (-1 = last layer), "

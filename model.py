@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 ADAPTER_FILE = "adapter.safetensors"
+DEFAULT_MAX_LENGTH = 1024  # model.max_length when not given (or the LM's max_position_embeddings, when fewer)
 SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
@@ -112,8 +113,10 @@ class PhiClipMLLM(nn.Module):
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.tokenizer = tokenizer or load_tokenizer(config, ckpt)
         self.text_model = load_backbone(config, "text", ckpt, dtype, self.tokenizer, device)
-        positions = getattr(self.text_model.config, "max_position_embeddings", None)
-        if positions and config.max_length > positions:  # past them RoPE extrapolates: quality falls, no error
+        positions = getattr(self.text_model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+        if config.max_length is None:
+            config.max_length = min(DEFAULT_MAX_LENGTH, positions)
+        elif config.max_length > positions:  # past them RoPE extrapolates: quality falls, no error
             raise ConfigError(
                 f"model.max_length={config.max_length} is longer than the text model's {positions} positions "
                 "(max_position_embeddings); use at most that"

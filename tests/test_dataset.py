@@ -524,7 +524,9 @@ def test_dataloader_workers_match_single_process(demo_dir, make_model):
         return list(loader)
 
     serial, parallel = batches(0), batches(2)
-    assert len(serial) == len(parallel) == 6
+    assert len(serial) == len(parallel) == 6 and len(D.make_dataset(config)) == 48
+    in_order = list(D.make_dataloader(D.make_dataset(config, seed=5), collator, batch_size=8, shuffle=False))
+    assert [b["input_ids"].tolist() for b in in_order] != [b["input_ids"].tolist() for b in serial]  # shuffled
     for a, b in zip(serial, parallel):
         assert a.keys() == b.keys() and {"input_ids", "labels", "pixel_values", "num_bad_images"} <= set(a)
         assert all(torch.equal(a[key], b[key]) for key in a)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 import yaml
-from conftest import random_image
+from conftest import SHARED_DATA, random_image, require_shared
 
 import generate as generate_cli
 from dataset import make_dataset
-from evaluate import caption_scores, evaluate, normalize_caption
+from evaluate import caption_scores, caption_split, evaluate, normalize_caption, validation_loss
 from model import IMAGE_TOKEN, PhiClipMLLM, generate
 from shapes import make_demo
 
@@ -27,6 +28,27 @@ def test_caption_scores_perfect_partial_and_wrong():
     assert perfect["exact_match"] == 1.0 and perfect["bleu4"] == pytest.approx(1.0, abs=1e-6)
     half = caption_scores({1: "a person on a horse", 2: "a cat sleeps on a sofa"}, refs)
     assert half["exact_match"] == 0.5 and half["bleu4"] < perfect["bleu4"] and half["cider"] < perfect["cider"]
+    shuffled = caption_scores({1: "horse a on person a", 2: "snow the in play dogs two"}, refs)
+    assert shuffled["exact_match"] == 0 and shuffled["bleu4"] < 0.01  # every word right, no 4-gram: BLEU-4, not -1
+
+
+def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_model):
+    dataset = make_dataset(
+        {
+            "format": "coco",
+            "annotation_file": str(require_shared(SHARED_DATA / "coco" / "annotations" / "captions_val2017_mini.json")),
+            "image_directory": str(SHARED_DATA / "coco" / "images" / "val2017"),
+            "captions_per_image": "all",
+        }
+    )
+    ids, _, references = caption_split(dataset)
+    per_image = Counter(record.id for record in dataset.records)
+    assert ids and all(len(references[k]) == per_image[k] >= 5 for k in ids)
+    model = make_model()
+    dataset.attach(model.processor)
+    few = dataset.subset(list(range(6)))
+    by_two, by_six = validation_loss(model, few, batch_size=2), validation_loss(model, few, batch_size=6)
+    assert by_two["val_loss"] == pytest.approx(by_six["val_loss"], rel=1e-5)  # a token mean, whatever the batching
 
 
 def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):

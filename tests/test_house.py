@@ -159,12 +159,7 @@ def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
     }
     one = {
         **common,
-        "model": {
-            "text_model": dict(TINY_TEXT),
-            "vision_model": dict(TINY_VISION),
-            "adapter_dim": 16,
-            "max_length": 128,
-        },
+        "model": {"text_model": dict(TINY_TEXT), "vision_model": dict(TINY_VISION), "adapter_dim": 16},
         "checkpoint": {"output_dir": str(tmp_path / "p1")},
         "text_warmup": {"steps": 2, "batch_size": 4},
     }

@@ -168,6 +168,11 @@ def test_processor_edge_inputs(make_model, prompt_format):
         assert text.count("<|assistant|>") == (1 if prompt_format == "chat" else markup.count("<|assistant|>"))
 
 
+def test_max_length_defaults_to_what_the_language_model_can_take(make_model):
+    model = make_model(max_length=None)  # 1024 by default, but this LM has 512 positions
+    assert model.config.max_length == model.processor.max_length == TINY_TEXT["max_position_embeddings"] == 512
+
+
 def test_normalized_adapter_gives_unit_vectors_per_image_token(make_model):
     model = make_model(normalize=True)
     with torch.no_grad():
@@ -303,6 +308,11 @@ def test_truncated_away_answer_is_never_trained_on_silently(make_model, caplog):
 
 
 def test_bad_input_errors(make_model, tmp_path):
+    processor = make_model().processor
+    batch = processor([PROMPTS[0]], [random_image(0)], [ANSWERS[0]])
+    processor.max_length = int((batch["input_ids"][0] == processor.image_token_id).nonzero().max())
+    with pytest.raises(ValueError, match="would cut into the image"):  # by its last token
+        processor.check([{"role": "user", "content": PROMPTS[0]}, {"role": "assistant", "content": ANSWERS[0]}], 1)
     model = make_model(max_length=40)
     with pytest.raises(ValueError, match=r"sample 0: 1 <\|placeholder1\|> placeholder\(s\) in the text but 2 image"):
         model.processor([PROMPTS[0]], [[random_image(0), random_image(1)]])

@@ -87,6 +87,10 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
         {"id": "ok", "image": "a.png", "conversations": GOOD},
         {"id": "text_only", "conversations": [turn("human", "Say hi."), turn("gpt", "hi")]},
         {"id": "gpt_first", "image": "a.png", "conversations": [turn("gpt", "Hello!"), *GOOD]},
+        {
+            "id": "gpt_twice",
+            "conversations": [turn("gpt", "Hello!"), turn("gpt", "Hi!"), turn("human", "Hi?"), turn("gpt", "hi")],
+        },
         {"id": "human_only", "image": "a.png", "conversations": [turn("human", "<image>\nAnyone?")]},
         {"id": "empty", "conversations": []},
         {"id": "gpt_only", "conversations": [turn("gpt", "I talk alone")]},
@@ -102,8 +106,9 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
     path = llava_file(tmp_path, entries)
     with caplog.at_level(logging.WARNING, logger="dataset"):
         records = D.read_llava(path, tmp_path / "images")
-    assert [r.id for r in records] == ["ok", "text_only", "gpt_first", 12]
+    assert [r.id for r in records] == ["ok", "text_only", "gpt_first", "gpt_twice", 12]
     assert records[2].conversation[0] == ("user", "<|placeholder1|> What colour?")  # the gpt opener is dropped
+    assert records[3].conversation[0][0] == "user"  # however many
     log = caplog.text
     assert f"{path}: 10 conversation(s) excluded" in log
     for reason, record_id in [
@@ -116,10 +121,10 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
         ("not {'from', 'value'} (found ['content', 'role'])", "hf_keys"),
         ("a control token such as <|end|>", "markup"),
         ("'image' is not a file name", "image_not_a_name"),
-        ("not JSON objects", "9"),
+        ("not JSON objects", "10"),
     ]:
         assert reason in log and record_id in log, (reason, log)
-    assert "1 conversation(s) began with a gpt turn" in log and "gpt_first" in log
+    assert "2 conversation(s) began with a gpt turn" in log and "gpt_first" in log
     with pytest.raises(D.BadRecordError, match=r"llava\.json: record 'human_only': conversations without a gpt"):
         D.read_llava(path, tmp_path / "images", on_bad_record="error")
 
@@ -145,6 +150,7 @@ def test_02_odd_coco_annotations_are_excluded_and_named(tmp_path, caplog):
             {"id": 15, "image_id": 99, "caption": "orphan"},
             {"id": "16", "image_id": 1, "caption": "a square"},
             {"id": 17, "image_id": 1, "caption": "a sign reading <|user|>"},
+            {"id": 5, "image_id": 1, "caption": "first by id"},  # captions come in annotation-id order
         ],
     }
     path = tmp_path / "captions.json"
@@ -152,6 +158,7 @@ def test_02_odd_coco_annotations_are_excluded_and_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dataset"):
         records = D.read_coco(path, tmp_path / "images", "all")
     assert [(r.id, r.captions) for r in records] == [
+        (1, ("first by id",)),
         (1, ("a red square",)),
         (1, ("a square",)),
         ("2", ("another red square",)),

@@ -122,6 +122,12 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
         ({"peft_text": {"r": 4, "target_modules": ["q"], "rank": 2}}, "two", ["peft_text.rank"]),
         ({"peft_text": {"r": 4, "target_modules": ["q"], "rank_pattern": 5}}, "two", ["peft_text.rank_pattern", "5"]),
         ({"training_args": {"learning_rate": float("inf")}}, "one", ["training_args.learning_rate", "finite", "inf"]),
+        (
+            {"peft_text": {"r": 4, "target_modules": ["q"], "lora_dropout": 1}},
+            "two",
+            ["lora_dropout must be in [0, 1)"],
+        ),
+        ({"checkpoint": {"load_dir": "p1", "output_dir": "p1"}, **LORA}, "two", ["output_dir must differ from"]),
     ],
 )
 def test_config_errors_name_the_problem_before_any_model_is_built(
@@ -214,6 +220,8 @@ def test_phases_write_loadable_models_rotate_checkpoints_and_log_progress(tmp_pa
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-4", "checkpoint-6"]
     assert not (tmp_path / "p1" / "checkpoint-1").exists()
     log = caplog.text
+    adapter = sum(p.numel() for p in PhiClipMLLM.from_pretrained(tmp_path / "p1").vision_adapter.parameters())
+    assert f"phase one: training the adapter, {adapter:,} of" in log  # after the warm-up trained the LM alone
     assert "step 4 caption" in log and "bad image(s) skipped" in log
     assert any("epoch" in r.message and "1 bad image(s)" in r.message for r in caplog.records), log
 
