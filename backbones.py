@@ -13,12 +13,21 @@ import inspect
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
@@ -39,7 +48,7 @@ class CheckpointError(ValueError):
 
 
 @contextlib.contextmanager
-def quiet_loading():
+def quiet_loading() -> Iterator[None]:
     """Load or save backbones without transformers' per-file progress bars, the FutureWarning peft triggers on
     transformers 5 (`is_gradient_checkpointing`), or a load report listing a full CLIP checkpoint's text-tower
     weights as UNEXPECTED (the vision tower never needs them; missing or mismatched weights are still reported).
@@ -69,7 +78,7 @@ def read_config_file(path: Path, where: str) -> dict:
     return values
 
 
-def load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
+def load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None) -> PreTrainedTokenizerBase:
     """The checkpoint's own tokenizer files, else `model.tokenizer` (or the text model's)."""
     source = checkpoint_dir or config.tokenizer or config.text_model
     if checkpoint_dir is not None and not any((checkpoint_dir / name).is_file() for name in TOKENIZER_FILES):
@@ -84,7 +93,7 @@ def load_tokenizer(config: PhiClipConfig, checkpoint_dir: Path | None):
         raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())})") from None
 
 
-def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int):
+def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, image_size: int) -> Any:
     """The checkpoint's preprocessor_config.json, else the vision model's, else CLIP's defaults at its size."""
     processor_class = image_processor_class()
     if checkpoint_dir is not None:
@@ -104,7 +113,12 @@ def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, ima
 
 
 def load_backbone(
-    config: PhiClipConfig, name: str, checkpoint_dir: Path | None, dtype, tokenizer, device=None
+    config: PhiClipConfig,
+    name: str,
+    checkpoint_dir: Path | None,
+    dtype: torch.dtype | None,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
     """The `name` ("text" / "vision") backbone: stored in the checkpoint, inline (random), local or from the hub.
 
@@ -159,7 +173,7 @@ def load_backbone(
     return model
 
 
-def inline_config(key: str, values: dict):
+def inline_config(key: str, values: dict) -> PretrainedConfig:
     """The transformers config of an inline (random-init) backbone; a bad value is a ConfigError naming it."""
     expected = {"text_model": "a causal LM such as phi3", "vision_model": "clip_vision_model"}[key]
     try:

@@ -15,7 +15,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 IMAGE_TOKEN = "<|placeholder1|>"  # where an image goes in a prompt (Phi-3's spare special token)
 PROMPT_FORMATS = ("chat", "seed")
@@ -139,6 +139,7 @@ class PhiClipConfig:
             raise type(error)(f"{where}: {error}") from None
 
     def to_dict(self) -> dict:
+        """The settings as plain values (what config.json stores)."""
         return dataclasses.asdict(self)
 
     # What a checkpoint's weights depend on, and what may change when it is loaded again (phase two, resume).
@@ -159,6 +160,7 @@ class PhiClipConfig:
 
 
 def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's `true` is an int to Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -194,7 +196,7 @@ def require_bitsandbytes(what: str) -> None:
         )
 
 
-def torch_dtype(name: str):
+def torch_dtype(name: str) -> Any:
     """The torch dtype a config's `dtype` names."""
     import torch
 
@@ -204,7 +206,8 @@ def torch_dtype(name: str):
 class CommandLine(argparse.ArgumentParser):
     """argparse whose bad-argument message is one `error:` line and exit status 2, like every other input error."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
+        """argparse's hook for a bad argument."""
         fail(f"{message} (see {self.prog} --help)")
 
 
@@ -241,7 +244,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return "not a PhiClipMLLM checkpoint (no config.json); give train.py's output"
 
 
-def fail(message: str):
+def fail(message: str) -> NoReturn:
     """Report bad input as one line on stderr and exit with status 2 (no traceback)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -4,17 +4,16 @@ the demo set is shapes.py's).
 A sample is ``{"conversation": [{"role": "user"|"assistant", "content": str}, ...], "images": [...], "id": ...}``;
 the user text holds ``IMAGE_TOKEN`` once per image, in order. Text-only samples have ``"images": []``.
 
-Entry points for train.py::
+Entry points (train.py hands the dataset and ``Collator`` to transformers' Trainer; evaluate.py, bench.py and a
+hand-written loop use ``make_dataloader``)::
 
-    dataset = make_dataset(config, seed=0, base_dir=None)   # -> ConversationDataset
+    dataset = make_dataset(config, seed=0, base_dir=None).attach(processor)   # -> ConversationDataset
     loader = make_dataloader(dataset, Collator(processor), batch_size=8, shuffle=True, num_workers=2, seed=0)
     for epoch in range(epochs):
         dataset.set_epoch(epoch)          # before iterating: instructions/captions are redrawn per epoch
-        bad = 0
         for batch in loader:
-            bad += int(batch.pop("num_bad_images")) + int(batch.pop("num_bad_records"))  # not model inputs
+            bad = int(batch.pop("num_bad_images")) + int(batch.pop("num_bad_records"))  # not model inputs
             ...
-        log(f"{bad} bad samples skipped this epoch")
 
 ``config`` keys (unknown keys are an error, to catch typos):
   - ``format``: ``"coco"`` | ``"cc_sbu_align"`` | ``"llava"``
@@ -118,7 +117,8 @@ class ConversationDataset(Dataset):
         self.epoch = epoch
 
     def attach(self, processor: Any) -> ConversationDataset:
-        """Check every sample against the processor that will collate it (length, image size) before use."""
+        """Use the processor that will collate the samples: each is checked against it (placeholders, length) as
+        it is drawn, and a bad one replaced by the next, as on_bad_record says."""
         self.processor = processor
         return self
 

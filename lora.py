@@ -44,7 +44,7 @@ def lora_shape(settings: dict | None) -> dict:
     return shape
 
 
-def check_lora_targets(backbone: nn.Module, targets, where: str) -> list[str]:
+def check_lora_targets(backbone: nn.Module, targets: str | list[str] | None, where: str) -> list[str]:
     """The names of the linear layers `target_modules` adapts (a list of names, a regex, or "all-linear").
 
     peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.

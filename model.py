@@ -1,4 +1,4 @@
-"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3; its phases, checkpoints and generate().
+"""PhiClipMLLM: a CLIP vision tower, an MLP adapter and Phi-3; its phases and generate() (checkpoint.py: its files).
 
 An image takes one path, in training and in generation:
     PhiClipProcessor: prompt format -> tokens, each <|placeholder1|> expanded to `num_image_tokens` ids, labels
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import ModelOutput
@@ -31,10 +27,10 @@ from backbones import (
     load_image_processor,
     load_tokenizer,
     quiet_loading,
-    read_config_file,
 )
+from checkpoint import load_checkpoint, save_checkpoint
 from config import ConfigError, PhiClipConfig
-from lora import check_lora_targets, lora_shape, without_lora
+from lora import check_lora_targets, lora_shape
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 from quantization import dequantized, is_quantized, logical_numel
 
@@ -53,10 +49,7 @@ __all__ = [
     "quiet_loading",
 ]
 
-ADAPTER_FILE = "adapter.safetensors"
 DEFAULT_MAX_LENGTH = 1024  # model.max_length when not given (or the LM's max_position_embeddings, when fewer)
-SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 
 @dataclass
@@ -88,6 +81,7 @@ class MultimodalProjector(nn.Module):
         self.normalize = normalize
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(..., vision_dim) -> (..., text_dim), unit length per token when `normalize`."""
         projected = self.layers(image_features)
         return F.normalize(projected, dim=-1) if self.normalize else projected
 
@@ -102,8 +96,8 @@ class PhiClipMLLM(nn.Module):
         config: PhiClipConfig,
         checkpoint_dir: str | Path | None = None,
         dtype: torch.dtype | None = None,
-        tokenizer=None,
-        image_processor=None,
+        tokenizer: Any = None,
+        image_processor: Any = None,
         device: str | torch.device | None = None,
     ):
         """`device`: where the model is built. Given one, a random (inline) backbone is built on the meta device and
@@ -162,7 +156,8 @@ class PhiClipMLLM(nn.Module):
         return used
 
     @property
-    def image_processor(self):
+    def image_processor(self) -> Any:
+        """The CLIP image processor (resize, crop, normalise) the processor feeds pixel values through."""
         return self.processor.image_processor
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -340,53 +335,7 @@ class PhiClipMLLM(nn.Module):
         (its outputs are unchanged) and saves plain backbones. An existing directory keeps what else it holds (a
         run's checkpoints and logs, Trainer's files): the model's files replace their namesakes, config.json last.
         """
-        from peft import PeftModel
-
-        if merge_lora:
-            self.merge_lora()
-        directory = Path(directory)
-        staging = directory.with_name(f".{directory.name}.incomplete")  # hidden: no checkpoint-* glob finds it
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        config = copy.deepcopy(self.config)
-        for key in ("text_model", "vision_model", "tokenizer"):
-            value = getattr(config, key)
-            if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
-                setattr(config, key, str(Path(value).expanduser().resolve()))
-        for name in ("text", "vision"):
-            backbone = getattr(self, f"{name}_model")
-            has_lora = isinstance(backbone, PeftModel)
-            if has_lora:
-                with quiet_loading():
-                    backbone.save_pretrained(staging / f"lora_{name}")
-            if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
-                base = backbone.get_base_model() if has_lora else backbone
-                with quiet_loading():
-                    base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
-                    base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
-                if f"{name}_model" not in config.saved_backbones:
-                    config.saved_backbones.append(f"{name}_model")
-        adapter_state = {k: v.detach().contiguous() for k, v in self.vision_adapter.state_dict().items()}
-        save_file(adapter_state, staging / ADAPTER_FILE)
-        self.tokenizer.save_pretrained(staging)
-        self.image_processor.save_pretrained(staging)
-        (staging / "config.json").write_text(config.to_json_string())
-        if not directory.exists():
-            staging.rename(directory)
-            return directory
-        # Without config.json a directory is not loadable, so readers never see a half-replaced model.
-        replaced_model = (directory / "config.json").is_file()
-        (directory / "config.json").unlink(missing_ok=True)
-        if replaced_model:  # the replaced model's backbones or LoRA that this one does not have
-            for name in {*SUBDIRECTORIES} - {entry.name for entry in staging.iterdir()}:
-                shutil.rmtree(directory / name, ignore_errors=True)
-        for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-            target = directory / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        staging.rmdir()
-        return directory
+        return save_checkpoint(self, directory, merge_lora)
 
     @classmethod
     def from_pretrained(
@@ -404,63 +353,7 @@ class PhiClipMLLM(nn.Module):
         tokenizer is always the checkpoint's own copy (its embeddings were trained with it), so `tokenizer` may only
         repeat the recorded one.
         """
-        from peft import PeftModel
-
-        path = Path(path).expanduser()
-        if not path.exists() and path.suffix and (path.parent / "config.json").is_file():
-            path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
-        elif not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
-            raise FileNotFoundError(f"{path}: no such checkpoint directory")
-        elif path.is_file():
-            if path.suffix in PICKLE_SUFFIXES:
-                raise ValueError(
-                    f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
-                    f"Load a directory written by save_pretrained (config.json + {ADAPTER_FILE})"
-                )
-            path = path.parent
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})")
-        if not (path / ADAPTER_FILE).is_file():
-            raise FileNotFoundError(f"{path}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
-        unknown = sorted(set(runtime) - set(PhiClipConfig.RUNTIME_KEYS))
-        if unknown:
-            raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
-        stored = read_config_file(path / "config.json", "PhiClipMLLM")
-        recorded_tokenizer = stored.get("tokenizer") or stored.get("text_model")
-        if runtime.get("tokenizer") not in (None, recorded_tokenizer):
-            raise ValueError(
-                f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
-                f"({recorded_tokenizer!r}); load without it"
-            )
-        if stored.get("attn_implementation") == "flex_attention":  # accepted before it was dropped; no weight
-            stored["attn_implementation"] = "sdpa"  # depends on it
-        values = stored | runtime
-        try:
-            config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(str(error)) from None
-        model = cls(config, checkpoint_dir=path, dtype=dtype)
-        for name in ("text", "vision"):
-            if getattr(config, f"lora_{name}"):
-                lora_dir = path / f"lora_{name}"
-                if not (lora_dir / "adapter_config.json").is_file():
-                    raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
-                backbone = getattr(model, f"{name}_model").requires_grad_(False)
-                try:
-                    with quiet_loading():
-                        backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
-                except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-                    raise CheckpointError(f"{lora_dir}: the LoRA adapter cannot be loaded ({error})") from None
-                setattr(model, f"{name}_model", backbone)
-        model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
-        # Backbones were frozen before peft wrapped them; with is_trainable peft marked what its adapter trains.
-        model.vision_adapter.requires_grad_(False)
-        if trainable:
-            model.vision_adapter.float().requires_grad_(True)
-        for name in ("text", "vision"):
-            if not isinstance(getattr(model, f"{name}_model"), PeftModel):
-                getattr(model, f"{name}_model").requires_grad_(False)
-        return model.to(device) if device is not None else model
+        return load_checkpoint(cls, path, dtype, device, trainable, **runtime)
 
 
 def _compiled_when_training(eager: Callable, compiled: Callable) -> Callable:
@@ -469,21 +362,6 @@ def _compiled_when_training(eager: Callable, compiled: Callable) -> Callable:
         return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
 
     return forward
-
-
-def _read_adapter(file: Path, adapter: nn.Module) -> dict:
-    try:
-        state = load_file(file)
-    except (OSError, SafetensorError) as error:
-        raise CheckpointError(f"{file}: cannot be read as safetensors (truncated or corrupt?): {error}") from None
-    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found != expected:
-        raise CheckpointError(
-            f"{file}: holds tensors {found}, but config.json describes an adapter of {expected} "
-            "(adapter_dim or the backbones' widths differ from the run that wrote it)"
-        )
-    return state
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
+from transformers import PreTrainedTokenizerFast
 from transformers.utils import is_torchvision_available
 
 from config import IMAGE_TOKEN, PROMPT_FORMATS
@@ -78,7 +79,9 @@ class PhiClipProcessor:
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
-    def format_conversation(self, conversation: list[dict], add_generation_prompt: bool = False):
+    def format_conversation(
+        self, conversation: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[str, list[tuple[int, int]]]:
         """Return (text, supervised character spans) for a list of {"role", "content"} turns."""
         text, spans = "", []
         for turn in conversation:
@@ -254,7 +257,7 @@ def _images_per_sample(images: Any, batch_size: int) -> list[list]:
     raise ValueError(f"{batch_size} prompts but {len(images)} images: give one image (or list) per prompt")
 
 
-def image_processor_class():
+def image_processor_class() -> type:
     """The CLIP image-processor class to use here (the PIL one when torchvision is absent)."""
     # transformers' default CLIP processor needs torchvision from 5.5 on; its PIL twin gives the same pixels.
     if not is_torchvision_available():
@@ -366,13 +369,12 @@ def _white_level(mode: str, peak: float) -> float:
     return peak
 
 
-def build_word_tokenizer(texts: list[str], vocab_size: int = 512):
+def build_word_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Train a small byte-level BPE tokenizer with Phi-3's special tokens (the tiny demo's and tests' tokenizer).
 
     Byte-level, so any text round-trips exactly; trained on ``texts`` so demo captions are a few tokens each.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

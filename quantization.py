@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ def load_kwargs(mode: str, dtype: torch.dtype | None) -> dict:
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
-def quantize_built(model: nn.Module, dtype: torch.dtype | None, attn: str, **kwargs) -> nn.Module:
+def quantize_built(model: nn.Module, dtype: torch.dtype | None, attn: str, **kwargs: Any) -> nn.Module:
     """Quantise an LM built in memory (an inline, random-init config) exactly as from_pretrained loads one."""
     name = model.config.name_or_path  # from_pretrained(None) would record "None", and peft would look it up online
     quantized = type(model).from_pretrained(

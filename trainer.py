@@ -17,10 +17,13 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
@@ -55,7 +58,10 @@ class PhiClipTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints, self.skipped = keep_checkpoints, dict.fromkeys(SKIPPED, 0)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        """Trainer's loss, after taking the collator's skipped-sample counts out of the batch."""
         for key in SKIPPED:  # not model inputs
             count = inputs.pop(key, None)
             self.skipped[key] += int(count) if count is not None and model.training else 0
@@ -107,7 +113,7 @@ class PhiClipTrainer(Trainer):
 class EpochDraws(TrainerCallback):
     """Tells the training set each epoch's number, from which it draws that epoch's instructions and captions."""
 
-    def __init__(self, train_set) -> None:
+    def __init__(self, train_set: Dataset) -> None:
         self.train_set = train_set
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -120,7 +126,7 @@ class ProgressReport(TrainerCallback):
     """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
     skipped-sample counts at each epoch end."""
 
-    def __init__(self, trainer: PhiClipTrainer, val_set, count: int):
+    def __init__(self, trainer: PhiClipTrainer, val_set: Dataset | None, count: int):
         self.trainer, self.samples = trainer, []
         for index in range(len(val_set) if val_set and count else 0):
             try:  # the first usable samples: bad images and records are skipped as the val loss skips them
@@ -186,7 +192,7 @@ class ProgressBar(ProgressCallback):
         pass
 
 
-def train_with_progress(trainer: Trainer, stage: str, **train_kwargs) -> None:
+def train_with_progress(trainer: Trainer, stage: str, **train_kwargs: Any) -> None:
     """trainer.train() with labelled log lines; on a terminal, log lines print above the bar, never into it."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -220,7 +226,7 @@ def finished(checkpoint: Path, max_steps: int = -1) -> bool:
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: Path):
+def output_lock(output_dir: Path) -> Iterator[None]:
     """Refuse at once to start a second run in an output directory that a live run is writing to.
 
     The lock file names the pid and host; one left by a run that died on this host is taken over. Only the main

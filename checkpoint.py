@@ -1,0 +1,168 @@
+"""The checkpoint directory PhiClipMLLM.save_pretrained writes and from_pretrained reads.
+
+    config.json              PhiClipConfig: backbones by name or path, adapter and LoRA settings, what is stored
+    adapter.safetensors      the MultimodalProjector (always; the part phase one trains)
+    lora_text/, lora_vision/ peft's LoRA directories, where a backbone carries LoRA
+    text_model/, vision_model/  a backbone in full, only where its name or path cannot load it again (random-init,
+                             LoRA-merged, or changed by a text warm-up)
+    tokenizer and preprocessor files, and chat_template.jinja
+
+Hand-written because the model is two transformers backbones plus an adapter, not one PreTrainedModel: each part is
+saved by its own library (transformers, peft, safetensors), and this file says which parts a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from backbones import CheckpointError, quiet_loading, read_config_file
+from config import PhiClipConfig
+from lora import without_lora
+from quantization import dequantized, is_quantized
+
+ADAPTER_FILE = "adapter.safetensors"
+SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+
+def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = False) -> Path:
+    """PhiClipMLLM.save_pretrained (see there) for `model`, a PhiClipMLLM (model.py imports this file, not back)."""
+    from peft import PeftModel
+
+    if merge_lora:
+        model.merge_lora()
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.incomplete")  # hidden: no checkpoint-* glob finds it
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    for key in ("text_model", "vision_model", "tokenizer"):
+        value = getattr(config, key)
+        if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
+            setattr(config, key, str(Path(value).expanduser().resolve()))
+    for name in ("text", "vision"):
+        backbone = getattr(model, f"{name}_model")
+        has_lora = isinstance(backbone, PeftModel)
+        if has_lora:
+            with quiet_loading():
+                backbone.save_pretrained(staging / f"lora_{name}")
+        if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
+            base = backbone.get_base_model() if has_lora else backbone
+            with quiet_loading():
+                base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
+                base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
+            if f"{name}_model" not in config.saved_backbones:
+                config.saved_backbones.append(f"{name}_model")
+    adapter_state = {k: v.detach().contiguous() for k, v in model.vision_adapter.state_dict().items()}
+    save_file(adapter_state, staging / ADAPTER_FILE)
+    model.tokenizer.save_pretrained(staging)
+    model.image_processor.save_pretrained(staging)
+    (staging / "config.json").write_text(config.to_json_string())
+    if not directory.exists():
+        staging.rename(directory)
+        return directory
+    # Without config.json a directory is not loadable, so readers never see a half-replaced model.
+    replaced_model = (directory / "config.json").is_file()
+    (directory / "config.json").unlink(missing_ok=True)
+    if replaced_model:  # the replaced model's backbones or LoRA that this one does not have
+        for name in {*SUBDIRECTORIES} - {entry.name for entry in staging.iterdir()}:
+            shutil.rmtree(directory / name, ignore_errors=True)
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        target = directory / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+    return directory
+
+
+def load_checkpoint(
+    cls: type[nn.Module],
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trainable: bool = False,
+    **runtime: Any,
+) -> nn.Module:
+    """PhiClipMLLM.from_pretrained (see there): `cls` is PhiClipMLLM."""
+    from peft import PeftModel
+
+    path = Path(path).expanduser()
+    if not path.exists() and path.suffix and (path.parent / "config.json").is_file():
+        path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
+    elif not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    elif path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
+                f"Load a directory written by save_pretrained (config.json + {ADAPTER_FILE})"
+            )
+        path = path.parent
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a PhiClipMLLM checkpoint (expected config.json and {ADAPTER_FILE})")
+    if not (path / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{path}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
+    unknown = sorted(set(runtime) - set(PhiClipConfig.RUNTIME_KEYS))
+    if unknown:
+        raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
+    stored = read_config_file(path / "config.json", "PhiClipMLLM")
+    recorded_tokenizer = stored.get("tokenizer") or stored.get("text_model")
+    if runtime.get("tokenizer") not in (None, recorded_tokenizer):
+        raise ValueError(
+            f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
+            f"({recorded_tokenizer!r}); load without it"
+        )
+    if stored.get("attn_implementation") == "flex_attention":  # accepted before it was dropped; no weight
+        stored["attn_implementation"] = "sdpa"  # depends on it
+    values = stored | runtime
+    try:
+        config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(str(error)) from None
+    model = cls(config, checkpoint_dir=path, dtype=dtype)
+    for name in ("text", "vision"):
+        if getattr(config, f"lora_{name}"):
+            lora_dir = path / f"lora_{name}"
+            if not (lora_dir / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
+            backbone = getattr(model, f"{name}_model").requires_grad_(False)
+            try:
+                with quiet_loading():
+                    backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+                raise CheckpointError(f"{lora_dir}: the LoRA adapter cannot be loaded ({error})") from None
+            setattr(model, f"{name}_model", backbone)
+    model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
+    # Backbones were frozen before peft wrapped them; with is_trainable peft marked what its adapter trains.
+    model.vision_adapter.requires_grad_(False)
+    if trainable:
+        model.vision_adapter.float().requires_grad_(True)
+    for name in ("text", "vision"):
+        if not isinstance(getattr(model, f"{name}_model"), PeftModel):
+            getattr(model, f"{name}_model").requires_grad_(False)
+    return model.to(device) if device is not None else model
+
+
+def _read_adapter(file: Path, adapter: nn.Module) -> dict:
+    try:
+        state = load_file(file)
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{file}: cannot be read as safetensors (truncated or corrupt?): {error}") from None
+    expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise CheckpointError(
+            f"{file}: holds tensors {found}, but config.json describes an adapter of {expected} "
+            "(adapter_dim or the backbones' widths differ from the run that wrote it)"
+        )
+    return state
