@@ -129,7 +129,6 @@ def build_pair(text: dict, vision: dict, workdir: Path, dtype=None, device="cpu"
         vision_feature_layer=-2,
         keep_cls=False,
         normalize=False,
-        max_length=text["max_position_embeddings"],
     )
     torch.manual_seed(0)
     ours = PhiClipMLLM(config, dtype=dtype, device=device)  # random backbones initialised on the device

@@ -14,6 +14,7 @@ saved by its own library (transformers, peft, safetensors), and this file says w
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backbones import CheckpointError, quiet_loading, read_config_file
-from config import PhiClipConfig
+from config import ConfigError, PhiClipConfig
 from lora import without_lora
 from quantization import dequantized, is_quantized
 
@@ -67,15 +68,19 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
     model.tokenizer.save_pretrained(staging)
     model.image_processor.save_pretrained(staging)
     (staging / "config.json").write_text(config.to_json_string())
-    if not directory.exists():
+    try:
         staging.rename(directory)
         return directory
+    except OSError:  # it exists (other ranks may be writing Trainer's files into a checkpoint directory now)
+        pass
     # Without config.json a directory is not loadable, so readers never see a half-replaced model.
-    replaced_model = (directory / "config.json").is_file()
+    replaced_model = any((directory / name).is_file() for name in ("config.json", ADAPTER_FILE))
     (directory / "config.json").unlink(missing_ok=True)
-    if replaced_model:  # the replaced model's backbones or LoRA that this one does not have
+    if replaced_model:  # what belonged to the replaced model: its backbones or LoRA, evaluate.py's figures of it
         for name in {*SUBDIRECTORIES} - {entry.name for entry in staging.iterdir()}:
             shutil.rmtree(directory / name, ignore_errors=True)
+        for kind, split in itertools.product(("metrics", "captions", "answers"), ("val", "train")):
+            (directory / f"{kind}_{split}.json").unlink(missing_ok=True)
     for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         target = directory / entry.name
         if target.is_dir():
@@ -130,6 +135,11 @@ def load_checkpoint(
     except (TypeError, ValueError) as error:
         raise CheckpointError(str(error)) from None
     model = cls(config, checkpoint_dir=path, dtype=dtype)
+    if runtime.get("max_length") and runtime["max_length"] > model.config.max_length:  # capped to the LM's positions
+        raise ConfigError(
+            f"model.max_length={runtime['max_length']} is longer than the text model's {model.config.max_length} "
+            "positions (max_position_embeddings); use at most that"
+        )
     for name in ("text", "vision"):
         if getattr(config, f"lora_{name}"):
             lora_dir = path / f"lora_{name}"

@@ -225,11 +225,15 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
+def checkpoint_directory(path: str | Path) -> Path:
+    """`path`, or the checkpoint directory holding the file it names (the original passed .../model_checkpoint.pt)."""
+    path = Path(path).expanduser()
+    return path.parent if path.suffix and not path.is_dir() and (path.parent / "config.json").is_file() else path
+
+
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a PhiClipMLLM checkpoint directory (or a file inside one); None when it is one."""
-    directory = Path(path).expanduser()
-    if not directory.exists() and directory.suffix and (directory.parent / "config.json").is_file():
-        return None  # a file named inside a checkpoint: the original passed .../model_checkpoint.pt
+    directory = checkpoint_directory(path)
     if not directory.exists():
         return "no such directory"
     directory = directory.parent if directory.is_file() else directory
@@ -242,6 +246,15 @@ def checkpoint_problem(path: str | Path) -> str | None:
             f"it with train.py --resume, or give {complete[-1]}"
         )
     return "not a PhiClipMLLM checkpoint (no config.json); give train.py's output"
+
+
+def last_line(error: Exception) -> str:
+    """An error's message without the traceback a DataLoader worker's error carries in it."""
+    # A worker's error arrives wrapped, its message ending in the worker's traceback, whose last line is
+    # `module.Class: message`.
+    line = str(error).strip().splitlines()[-1]
+    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return line.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
 
 
 def fail(message: str) -> NoReturn:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import CommandLine, ConfigError, checkpoint_problem, fail
+from config import CommandLine, ConfigError, checkpoint_directory, checkpoint_problem, fail, last_line
 from training_config import load_config
 
 
@@ -258,7 +258,8 @@ def evaluate(
             prompts, images = [queries[k][0] for k in chunk], [queries[k][1] for k in chunk]
             texts = generate_or_skip(model, prompts, images, max_new_tokens, dataset.on_bad_image)
             predictions.update((k, text) for k, text in zip(chunk, texts) if text is not None)
-        metrics.update(caption_scores(predictions, {k: references[k] for k in predictions}))
+        if predictions:  # none when every image is bad
+            metrics.update(caption_scores(predictions, {k: references[k] for k in predictions}))
         metrics["images"] = len(predictions)
         if len(predictions) < len(ids):
             metrics["bad_images"] = len(ids) - len(predictions)
@@ -297,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             model, dataset, args.limit, args.batch_size, args.max_new_tokens, config["data"]["num_workers"]
         )
     except (BadImageError, BadRecordError) as error:  # on_bad_*: error
-        fail(f"{args.config}: data.{args.split}: {error}")
-    files = result_files(Path(args.checkpoint).expanduser(), args.split, args.output)
+        fail(f"{args.config}: data.{args.split}: {last_line(error)}")
+    files = result_files(checkpoint_directory(args.checkpoint), args.split, args.output)
     if results["captions"]:
         files["captions"].write_text(json.dumps(results["captions"], indent=1) + "\n")
         metrics["results_file"] = str(files["captions"])

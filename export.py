@@ -17,7 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-from config import DTYPE_NAMES, IMAGE_TOKEN, CommandLine, ConfigError, backbone_architecture, checkpoint_problem, fail
+from config import (
+    DTYPE_NAMES,
+    IMAGE_TOKEN,
+    CommandLine,
+    ConfigError,
+    backbone_architecture,
+    checkpoint_directory,
+    checkpoint_problem,
+    fail,
+)
 from training_config import data_sources, load_config
 
 FORMATS = ("llava", "phiclip")
@@ -75,7 +84,7 @@ def unsupported_by_llava(values: dict, text_hidden: int | None, vision_hidden: i
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad input ends here as one `error:` line, before torch or any weight is loaded."""
-    checkpoint = Path(args.checkpoint).expanduser()
+    checkpoint = checkpoint_directory(args.checkpoint)
     if not checkpoint.is_dir():
         fail(f"--checkpoint {args.checkpoint}: no such directory")
     if problem := checkpoint_problem(args.checkpoint):
@@ -456,10 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     check_arguments(args)
     try:
         if args.format == "phiclip":
-            out = export_merged(Path(args.checkpoint).expanduser(), Path(args.out).expanduser())
+            out = export_merged(checkpoint_directory(args.checkpoint), Path(args.out).expanduser())
         else:
             out = export_llava(
-                Path(args.checkpoint).expanduser(),
+                checkpoint_directory(args.checkpoint),
                 Path(args.out).expanduser(),
                 torch_dtype(args.dtype),
                 args.max_shard_size,

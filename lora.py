@@ -39,8 +39,9 @@ def lora_shape(settings: dict | None) -> dict:
     """The LoRA settings that decide its weights' shapes and meaning (peft's defaults filled in)."""
     settings = settings or {}
     shape = {key: settings.get(key) or default for key, default in SHAPING_DEFAULTS.items()}
-    targets = settings.get("target_modules")
-    shape["target_modules"] = sorted(targets) if isinstance(targets, (list, tuple, set)) else targets
+    for key in ("target_modules", "modules_to_save"):  # lists of names, in any order
+        names = settings.get(key)
+        shape[key] = sorted(names) if isinstance(names, (list, tuple, set)) else names
     return shape
 
 

@@ -111,10 +111,11 @@ class PhiClipMLLM(nn.Module):
         if config.max_length is None:
             config.max_length = min(DEFAULT_MAX_LENGTH, positions)
         elif config.max_length > positions:  # past them RoPE extrapolates: quality falls, no error
-            raise ConfigError(
-                f"model.max_length={config.max_length} is longer than the text model's {positions} positions "
-                "(max_position_embeddings); use at most that"
-            )
+            too_long = f"model.max_length={config.max_length} is longer than the text model's {positions} positions"
+            if ckpt is None:
+                raise ConfigError(f"{too_long} (max_position_embeddings); use at most that")
+            logger.warning("%s: %s; using %d", ckpt / "config.json", too_long, positions)  # written before the check
+            config.max_length = positions
         vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer, device)
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.

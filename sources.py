@@ -126,7 +126,7 @@ def _id_order(value: Any) -> tuple:
 
 # Text like "<|end|>" would be read by Phi-3's tokenizer as its control token: an answer would teach to stop
 # mid-sentence, and a stray "<|placeholder1|>" would take an image's place. Such text is rejected, not trained on.
-CONTROL_TOKEN = re.compile(r"<\|\w+\|>")
+CONTROL_TOKEN = re.compile(r"<\|\w+\|>|</?s>|<unk>")
 CONTROL_REASON = "texts holding a control token such as <|end|> (the tokenizer would read it as markup)"
 
 

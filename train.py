@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import CommandLine, ConfigError, backbone_architecture, torch_dtype
+from config import CommandLine, ConfigError, backbone_architecture, last_line, torch_dtype
 from training_config import load_config
 
 
@@ -84,7 +84,6 @@ from trainer import (
     complete_checkpoints,
     finished,
     output_lock,
-    publish,
     saved_batch_shape,
     train_with_progress,
 )
@@ -374,7 +373,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     else:
         train_with_progress(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
-        publish(model, output_dir)
+        model.save_pretrained(output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
     return model
@@ -473,17 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (BadImageError, BadRecordError) as error:  # on_bad_*: error, or a split with nothing usable
-        print(f"error: {_last_line(error)}", file=sys.stderr)
+        print(f"error: {last_line(error)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _last_line(error: Exception) -> str:
-    # An error raised in a DataLoader worker arrives wrapped, its message ending in the worker's traceback, whose
-    # last line is `module.Class: message`.
-    line = str(error).strip().splitlines()[-1]
-    prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
-    return line.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
 
 
 if __name__ == "__main__":

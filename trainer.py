@@ -9,7 +9,6 @@ below them.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -34,18 +33,10 @@ from backbones import read_config_file
 from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
 from dataset import BadImageError, BadRecordError
 from generate import generate
-from model import PhiClipMLLM
 
 logger = logging.getLogger("train")
 
 LOCK_FILE = "train.lock"  # a live run's pid and host
-
-
-def publish(model: PhiClipMLLM, directory: Path) -> None:
-    """Save the model into a checkpoint or output directory, beside Trainer's files and the run's checkpoints."""
-    model.save_pretrained(directory)
-    for kind, split in itertools.product(("metrics", "captions", "answers"), ("val", "train")):
-        (directory / f"{kind}_{split}.json").unlink(missing_ok=True)  # evaluate.py's figures of the model replaced
 
 
 SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}  # counted by dataset.Collator
@@ -70,7 +61,7 @@ class PhiClipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer would write the full state dict (frozen backbones included); ours stores adapter + LoRA.
         if self.args.should_save:
-            publish(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir))
+            self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained

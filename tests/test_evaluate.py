@@ -177,16 +177,20 @@ def test_evaluate_skips_a_bad_image_and_answers_turns_before_the_image_is_shown(
     config = {"checkpoint": {"output_dir": str(tmp_path / "unused")}, "data": {"val": sources, "num_workers": 0}}
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
     checkpoint = make_model().save_pretrained(tmp_path / "model")
-    arguments = ["--checkpoint", str(checkpoint), "--config", str(tmp_path / "eval.yaml"), "--max_new_tokens", "2"]
-    evaluate_cli.main(arguments)
+    named = ["--checkpoint", str(checkpoint / "model_checkpoint.pt")]  # a file named inside it, as the original did
+    arguments = ["--config", str(tmp_path / "eval.yaml"), "--max_new_tokens", "2"]
+    evaluate_cli.main(named + arguments)
     metrics = json.loads(capsys.readouterr().out)
     assert (metrics["images"], metrics["bad_images"], metrics["answered_turns"]) == (2, 1, 2)
+    assert json.loads((checkpoint / "metrics_val.json").read_text()) == metrics
     for source in sources:
         source["on_bad_image"] = "error"
+    config["data"]["num_workers"] = 1  # the error comes from a DataLoader worker, wrapped in its traceback
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_:
-        evaluate_cli.main(arguments)
-    assert exit_.value.code == 2 and "3.png: cannot be decoded as an image" in capsys.readouterr().err
+        evaluate_cli.main(["--checkpoint", str(checkpoint), *arguments])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "3.png: cannot be decoded as an image" in error and len(error.splitlines()) == 1
 
 
 def test_generate_of_no_prompts_is_no_replies(make_model):

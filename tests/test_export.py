@@ -273,8 +273,9 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
 def test_a_missing_lora_directory_is_one_error_line(tiny_tokenizer_dir, tmp_path, capsys, format_):
     checkpoint = phase_two_checkpoint(tiny_tokenizer_dir, tmp_path / "p2")
     shutil.rmtree(checkpoint / "lora_vision")
+    named = checkpoint / "model_checkpoint.pt"  # a file named inside the checkpoint means it, as in from_pretrained
     with pytest.raises(SystemExit) as exited:
-        export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), *format_])
+        export.main(["--checkpoint", str(named), "--out", str(tmp_path / "out"), *format_])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1, lines
     assert lines[0] == f"error: {checkpoint}/lora_vision: LoRA adapter missing (config.json records lora_vision)"

@@ -11,6 +11,7 @@ import torch
 from conftest import PHI3_TOKENIZER, TINY_TEXT, TINY_VISION, random_image, require_shared, tiny_config
 from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from config import ConfigError
 from generate import generate
 from model import IMAGE_TOKEN, PhiClipMLLM, PhiClipProcessor
 
@@ -168,9 +169,18 @@ def test_processor_edge_inputs(make_model, prompt_format):
         assert text.count("<|assistant|>") == (1 if prompt_format == "chat" else markup.count("<|assistant|>"))
 
 
-def test_max_length_defaults_to_what_the_language_model_can_take(make_model):
+def test_max_length_defaults_to_what_the_language_model_can_take(make_model, tmp_path, caplog):
     model = make_model(max_length=None)  # 1024 by default, but this LM has 512 positions
     assert model.config.max_length == model.processor.max_length == TINY_TEXT["max_position_embeddings"] == 512
+    with pytest.raises(ConfigError, match="model.max_length=600 is longer than the text model's 512 positions"):
+        make_model(max_length=600)
+    model.save_pretrained(tmp_path / "ckpt")
+    stored = json.loads((tmp_path / "ckpt" / "config.json").read_text()) | {"max_length": 1024}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(stored))  # written before the check existed
+    assert PhiClipMLLM.from_pretrained(tmp_path / "ckpt").config.max_length == 512  # still loads, capped
+    assert "using 512" in caplog.text
+    with pytest.raises(ConfigError, match="model.max_length=1024 is longer"):  # asked for now: an error
+        PhiClipMLLM.from_pretrained(tmp_path / "ckpt", max_length=1024)
 
 
 def test_normalized_adapter_gives_unit_vectors_per_image_token(make_model):
@@ -223,10 +233,13 @@ def test_checkpoint_round_trip_phase_two_unmerged_and_merged(make_model, tmp_pat
         unmerged = model(**batch).logits
     (tmp_path / "p2" / "checkpoint-500").mkdir()  # a run's or a user's files beside the model
     (tmp_path / "p2" / "notes.txt").write_text("mine")
+    (tmp_path / "p2" / "metrics_val.json").write_text("{}")  # evaluate.py's figures of the model replaced
+    (tmp_path / "p2" / "config.json").unlink()  # as if an earlier replacement was killed halfway
     model.save_pretrained(tmp_path / "p2", merge_lora=True)  # over the unmerged model
     merged = PhiClipMLLM.from_pretrained(tmp_path / "p2").eval()
     assert not (tmp_path / "p2" / "lora_text").exists() and (tmp_path / "p2" / "checkpoint-500").is_dir()
     assert (tmp_path / "p2" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "p2" / "metrics_val.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p2"]  # no staging left behind
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, unmerged, atol=1e-5, rtol=0)

@@ -102,6 +102,7 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
         {"id": "system", "conversations": [turn("system", "Be brief."), turn("human", "Hi"), turn("gpt", "Hi")]},
         {"id": "hf_keys", "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]},
         {"id": "markup", "conversations": [turn("human", "What does it say?"), turn("gpt", "It says <|end|> here")]},
+        {"id": "bos", "conversations": [turn("human", "Strike <s>this</s>?"), turn("gpt", "No")]},
     ]
     path = llava_file(tmp_path, entries)
     with caplog.at_level(logging.WARNING, logger="dataset"):
@@ -110,7 +111,7 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
     assert records[2].conversation[0] == ("user", "<|placeholder1|> What colour?")  # the gpt opener is dropped
     assert records[3].conversation[0][0] == "user"  # however many
     log = caplog.text
-    assert f"{path}: 10 conversation(s) excluded" in log
+    assert f"{path}: 11 conversation(s) excluded" in log
     for reason, record_id in [
         ("without a gpt turn", "human_only"),
         ("empty conversations (no turns)", "empty"),
@@ -120,6 +121,7 @@ def test_02_malformed_llava_records_are_excluded_and_named(tmp_path, caplog):
         ("a turn from 'system' (expected human or gpt)", "system"),
         ("not {'from', 'value'} (found ['content', 'role'])", "hf_keys"),
         ("a control token such as <|end|>", "markup"),
+        ("a control token such as <|end|>", "bos"),
         ("'image' is not a file name", "image_not_a_name"),
         ("not JSON objects", "10"),
     ]:
