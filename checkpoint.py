@@ -134,7 +134,7 @@ def load_checkpoint(
         config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
     except (TypeError, ValueError) as error:
         raise CheckpointError(str(error)) from None
-    model = cls(config, checkpoint_dir=path, dtype=dtype)
+    model = cls(config, checkpoint_dir=path, dtype=dtype).requires_grad_(False)  # peft marks what its adapter trains
     if runtime.get("max_length") and runtime["max_length"] > model.config.max_length:  # capped to the LM's positions
         raise ConfigError(
             f"model.max_length={runtime['max_length']} is longer than the text model's {model.config.max_length} "
@@ -145,7 +145,7 @@ def load_checkpoint(
             lora_dir = path / f"lora_{name}"
             if not (lora_dir / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"{lora_dir}: LoRA adapter missing (config.json records lora_{name})")
-            backbone = getattr(model, f"{name}_model").requires_grad_(False)
+            backbone = getattr(model, f"{name}_model")
             try:
                 with quiet_loading():
                     backbone = PeftModel.from_pretrained(backbone, lora_dir, is_trainable=trainable)
@@ -153,13 +153,8 @@ def load_checkpoint(
                 raise CheckpointError(f"{lora_dir}: the LoRA adapter cannot be loaded ({error})") from None
             setattr(model, f"{name}_model", backbone)
     model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
-    # Backbones were frozen before peft wrapped them; with is_trainable peft marked what its adapter trains.
-    model.vision_adapter.requires_grad_(False)
     if trainable:
         model.vision_adapter.float().requires_grad_(True)
-    for name in ("text", "vision"):
-        if not isinstance(getattr(model, f"{name}_model"), PeftModel):
-            getattr(model, f"{name}_model").requires_grad_(False)
     return model.to(device) if device is not None else model
 
 

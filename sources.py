@@ -67,13 +67,13 @@ def _drop_missing(records: list[Record], source: Path, on_bad_image: str = "skip
             "(on_bad_image: skip excludes their samples)"
         )
     if missing:
-        lost, total = set(missing), len(files)
+        lost = set(missing)
         records = [record for record in records if lost.isdisjoint(record.images)]
         logger.warning(
             "%s: %d of %d image file(s) missing, their samples excluded (e.g. %s)",
             source,
             len(missing),
-            total,
+            len(files),
             missing[0],
         )
     return records
