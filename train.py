@@ -363,6 +363,12 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         data_collator=Collator(model.processor),
         keep_checkpoints=config["training_args"]["save_total_limit"],
     )
+    processes, per_process = trainer.args.world_size, trainer.args.train_batch_size
+    repeated = -len(train_set) % (processes * per_process)
+    if processes > 1 and repeated:  # accelerate's even_batches: every process takes the same number of batches
+        logger.info(
+            "each epoch's last step repeats %d sample(s) from its start to fill %d processes", repeated, processes
+        )
     trainer.add_callback(EpochDraws(train_set))
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
     for callback in callbacks:
@@ -376,7 +382,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         model.save_pretrained(output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
-    return model
+    return model.eval()  # ready to use: LoRA dropout off, as from_pretrained returns a model
 
 
 # --------------------------------------------------------------------------------------------------------- demo

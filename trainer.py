@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from backbones import read_config_file
 from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
@@ -58,6 +59,41 @@ class PhiClipTrainer(Trainer):
             self.skipped[key] += int(count) if count is not None and model.training else 0
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """The loss per supervised token over the whole split, as evaluate.py reports it.
+
+        Trainer's own loop averages each batch's mean loss over samples, so its eval_loss would weigh a short
+        answer's tokens more and change with eval_batch_size. Hand-written because Trainer has no token-weighted
+        evaluation: per-sample loss sums and token counts, gathered with accelerate's gather_for_metrics, which
+        drops the samples its sharded loader repeats to fill the last batch of several processes.
+        """
+        model = self.accelerator.unwrap_model(self.model)  # no gradients, so no DDP wrapper needed
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = samples = 0
+        for inputs in dataloader:
+            inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k not in SKIPPED})
+            with torch.no_grad(), self.compute_loss_context_manager():
+                logits = model(**inputs).logits  # the supervised positions' logits, row by row
+            targets = inputs["labels"][:, 1:]
+            supervised = targets != -100
+            token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+            rows = supervised.nonzero()[:, 0]  # boolean indexing takes positions in this same row-major order
+            sums = torch.zeros(len(targets), device=logits.device).index_add_(0, rows, token_losses)
+            sums, counts = self.accelerator.gather_for_metrics((sums, supervised.sum(1)))
+            loss_sum += sums.double().sum().cpu()
+            tokens, samples = tokens + int(counts.sum()), samples + len(counts)
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+        metrics = {f"{metric_key_prefix}_loss": float(loss_sum) / max(tokens, 1)}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=samples)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer would write the full state dict (frozen backbones included); ours stores adapter + LoRA.
         if self.args.should_save:
@@ -67,13 +103,26 @@ class PhiClipTrainer(Trainer):
         pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
         scheduler = self.lr_scheduler
-        if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):
-            return
-        # The restored optimizer holds the learning rate the old schedule reached (0 at the end of a finished run);
-        # a run resumed with a larger max_steps would take its first step at that rate. Recompute it from the
-        # current schedule at the restored step: the same value when the schedule is unchanged.
+        if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):  # LambdaLR: Trainer's schedules
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        configured = [{k: group[k] for k in ("initial_lr", "weight_decay")} for group in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # The restored optimizer holds the checkpoint's learning rate and weight decay, and the rate the old
+        # schedule reached (0 at the end of a finished run). The config's values win, as everywhere else on a
+        # resume, and the rate is recomputed from the current schedule at the restored step: the same values when
+        # nothing changed, the first step at the right rate when max_steps grew.
+        restored = self.optimizer.param_groups[0]
+        if (restored["initial_lr"], restored["weight_decay"]) != tuple(configured[0].values()):
+            logger.info(
+                "resuming with learning_rate %g and weight_decay %g as configured (the checkpoint's: %g and %g)",
+                *configured[0].values(),
+                restored["initial_lr"],
+                restored["weight_decay"],
+            )
+        for group, settings in zip(self.optimizer.param_groups, configured):
+            group.update(settings)
+        scheduler.base_lrs = [settings["initial_lr"] for settings in configured]
         rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
         for group, rate in zip(self.optimizer.param_groups, rates):
             group["lr"] = rate

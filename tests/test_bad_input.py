@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 
 import pytest
+import torch
 from conftest import SHARED_DATA, require_shared
 from test_train import phase_two_config, tiny_config, write
 
@@ -89,7 +91,8 @@ def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, de
     assert "step 1 caption" in caplog.text  # the report went on with the next usable images
 
 
-def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir, capsys):
+def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="train")
     config = tiny_config(demo_dir, tmp_path / "p1")
     config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
     path = str(write(tmp_path / "one.yaml", config))
@@ -110,8 +113,18 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     more = ["--phase_one", "--config", path, "--resume", "--max_steps", "5", "--set", "training_args.batch_size=4"]
     status, err = run(more, capsys)
     assert "global batch was 8 (1 x 8 x 1), this one's is 4 (1 x 4 x 1)" in one_line_error(status, err)
-    assert train.main([*more, "--set", "training_args.gradient_accumulation_steps=2"]) == 0
+    # A learning rate or weight decay changed for the rest of the run is taken, not the checkpoint's.
+    changed = ["training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.01"]
+    status, err = run([*more, *(x for c in [*changed, "training_args.weight_decay=0.1"] for x in ("--set", c))], capsys)
+    assert status == 0, err
+    expected = "resuming with learning_rate 0.01 and weight_decay 0.1 as configured (the checkpoint's: 0.003 and 0)"
+    assert expected in caplog.text
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-4", "checkpoint-5"]
+    groups = torch.load(tmp_path / "p1" / "checkpoint-5" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(0.01, 0.1), (0.01, 0.0)]  # biases: no decay
+    state = json.loads((tmp_path / "p1" / "checkpoint-5" / "trainer_state.json").read_text())
+    rates = {entry["step"]: entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry}
+    assert rates[5] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # cosine over 5 steps, at step 4
 
     # Phase two on it: the loaded model keeps its tokenizer and architecture, and says so in the user's terms.
     other = tmp_path / "other_tokenizer"

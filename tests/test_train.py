@@ -245,6 +245,51 @@ def test_a_text_warm_up_of_a_local_lm_is_stored_in_the_checkpoint(tmp_path, demo
     assert not torch.equal(reloaded, original)  # the adapter was trained against the warmed-up LM: that one
 
 
+def test_logged_eval_loss_is_the_loss_per_token_that_evaluate_reports_whatever_the_batch(tmp_path, demo_dir):
+    from dataset import make_dataset
+    from evaluate import validation_loss
+
+    val = json.loads((demo_dir / "captions_val.json").read_text())
+    images = val["images"][:8]
+    words = [
+        "on",
+        "a",
+        "wide",
+        "plain",
+        "under",
+        "a",
+        "grey",
+        "sky",
+        "near",
+        "the",
+        "old",
+        "stone",
+        "wall",
+        "by",
+        "the",
+        "sea",
+    ]
+    captions = [  # answers from 1 to 15 words: a mean of batch means would weigh each token differently
+        {"id": i, "image_id": image["id"], "caption": " ".join(["shapes", *words[: 2 * i]])}
+        for i, image in enumerate(images)
+    ]
+    (tmp_path / "val.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    losses = {}
+    for eval_batch_size in (3, 8):
+        out = tmp_path / f"batch{eval_batch_size}"
+        config = tiny_config(demo_dir, out)
+        config["data"]["val"]["annotation_file"] = str(tmp_path / "val.json")
+        config["training_args"].update(max_steps=1, eval_steps=1, eval_batch_size=eval_batch_size)
+        assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+        state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+        losses[eval_batch_size] = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    model = PhiClipMLLM.from_pretrained(tmp_path / "batch3")  # the weights of step 1, which was evaluated
+    val_set = make_dataset(config["data"]["val"], seed=config["seed"])  # the seed draws each sample's instruction
+    val_set.attach(model.processor)
+    expected = validation_loss(model, val_set, batch_size=5)["val_loss"]
+    assert losses[3] == pytest.approx([expected], rel=1e-6) and losses[8] == pytest.approx([expected], rel=1e-6)
+
+
 def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir, capsys):
     bad = tmp_path / "images"
     shutil.copytree(demo_dir / "images", bad)
@@ -302,9 +347,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, demo_dir):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, demo_dir):
-    def run(name: str, batch_size: int, launcher: list[str]) -> list[float]:
+    def run(name: str, batch_size: int, launcher: list[str]) -> tuple[list[float], list[float]]:
         config = tiny_config(demo_dir, tmp_path / name)
-        config["training_args"].update(batch_size=batch_size, max_steps=5, save_steps=5, eval_steps=None)
+        config["data"]["train"]["max_samples"] = 60  # not a whole number of steps of 2 x 4
+        config["training_args"].update(batch_size=batch_size, max_steps=5, save_steps=5, eval_steps=5)
+        config["training_args"]["eval_batch_size"] = 3  # 8 val samples: the second process's last batch is padded
         path = write(tmp_path / f"{name}.yaml", config)
         result = subprocess.run(
             [*launcher, str(ROOT / "train.py"), "--phase_one", "--config", str(path)],
@@ -315,12 +362,16 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        repeats = "each epoch's last step repeats 4 sample(s) from its start to fill 2 processes"
+        assert (repeats in result.stderr) == (name == "ddp"), result.stderr[-3000:]
         checkpoints = train.complete_checkpoints(tmp_path / name)
         assert [c.name for c in checkpoints] == ["checkpoint-5"]
-        state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
-        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        history = json.loads((checkpoints[0] / "trainer_state.json").read_text())["log_history"]
+        return [e["loss"] for e in history if "loss" in e], [e["eval_loss"] for e in history if "eval_loss" in e]
 
-    two = run("ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"])
+    two, two_eval = run(
+        "ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    )
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-5").glob("rng_state_*")) == [
         "rng_state_0.pth",
         "rng_state_1.pth",
@@ -330,6 +381,9 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     resume = ["--phase_one", "--config", str(tmp_path / "ddp.yaml"), "--resume", "--max_steps", "6"]
     assert train.main(resume) == 2
     assert train.main([*resume, "--set", "training_args.batch_size=8"]) == 0
-    one = run("single", 8, [sys.executable])
+    one, one_eval = run("single", 8, [sys.executable])
     assert len(two) == len(one) == 5
     assert two == pytest.approx(one, rel=1e-4)
+    assert len(two_eval) == len(one_eval) == 1 and two_eval == pytest.approx(
+        one_eval, rel=1e-4
+    )  # every val sample once
