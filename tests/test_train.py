@@ -280,7 +280,8 @@ def test_logged_eval_loss_is_the_loss_per_token_that_evaluate_reports_whatever_t
         config = tiny_config(demo_dir, out)
         config["data"]["val"]["annotation_file"] = str(tmp_path / "val.json")
         config["training_args"].update(max_steps=1, eval_steps=1, eval_batch_size=eval_batch_size)
-        assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+        trained = train.run_training(train.load_config(write(tmp_path / "c.yaml", config), phase="one"), "one")
+        assert not trained.training  # returned ready to use, as from_pretrained returns a model
         state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
         losses[eval_batch_size] = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
     model = PhiClipMLLM.from_pretrained(tmp_path / "batch3")  # the weights of step 1, which was evaluated
