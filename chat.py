@@ -11,6 +11,7 @@ user/assistant turns, each image a <|placeholder1|> after the text of the messag
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} · {COMMANDS_HELP}", file=sys.stderr)
     options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)
+    # A byte that is not UTF-8 (a terminal set to another encoding) is then one message's error, not the end.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         run_chat(model, conversation, options, sys.stdin, sys.stdout, sys.stderr)
     except KeyboardInterrupt:

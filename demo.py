@@ -99,10 +99,12 @@ def build_demo(model: PhiClipMLLM, examples: list[str], max_new_tokens: int = 25
             for piece in reply:
                 messages[-1] = {"role": "assistant", "content": messages[-1]["content"] + piece}
                 yield list(messages), state, ""
-        except ValueError as error:  # e.g. the conversation no longer fits model.max_length
+        except Exception as error:  # the question goes, or every later message would carry it and fail again
             conversation.undo_ask()
             del messages[-2:]
-            raise gr.Error(str(error)) from None
+            if isinstance(error, ValueError):  # e.g. the conversation no longer fits model.max_length
+                raise gr.Error(str(error)) from None
+            raise
         conversation.answer(reply.text)
         messages[-1] = {"role": "assistant", "content": reply.text}
         yield list(messages), state, ""

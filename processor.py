@@ -80,9 +80,13 @@ class PhiClipProcessor:
         self.pad_token_id = pad if pad is not None else tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     def format_conversation(
-        self, conversation: list[dict], add_generation_prompt: bool = False
+        self, conversation: list[dict], add_generation_prompt: bool = False, verbatim_markup: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
-        """Return (text, supervised character spans) for a list of {"role", "content"} turns."""
+        """Return (text, supervised character spans) for a list of {"role", "content"} turns.
+
+        `verbatim_markup`: a lone user turn already in chat markup (a prompt string written as such) is taken as
+        it is; a conversation's turns are always wrapped, whatever text they quote.
+        """
         text, spans = "", []
         for turn in conversation:
             if not isinstance(turn, dict) or "role" not in turn or not isinstance(turn.get("content"), str):
@@ -90,8 +94,16 @@ class PhiClipProcessor:
                     f"a conversation turn is {{'role': 'user' or 'assistant', 'content': 'text'}} with {IMAGE_TOKEN} "
                     f"where an image goes, got {turn!r:.120}"
                 )
+            try:  # a lone surrogate (half an emoji, or undecodable bytes from a terminal) reaches no tokenizer
+                turn["content"].encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"a {turn['role']} turn's text is not valid Unicode: {error.reason} after "
+                    f"{turn['content'][: error.start][-40:]!r}"
+                ) from None
         if (
-            len(conversation) == 1
+            verbatim_markup
+            and len(conversation) == 1
             and conversation[0]["role"] == "user"
             and any(tag in conversation[0]["content"] for tag in ("<|user|>", "<|assistant|>"))
         ):  # already in chat markup: take it verbatim
@@ -135,6 +147,7 @@ class PhiClipProcessor:
         `images`: None, one image (for one prompt), a list with one image (or None) per sample, or a list of lists.
         Returns input_ids, attention_mask, labels (when answers are given) and pixel_values (when images are).
         """
+        from_prompts = conversations is None
         if conversations is None:
             if prompts is None:
                 raise ValueError("give either prompts or conversations")
@@ -146,7 +159,7 @@ class PhiClipProcessor:
                 for i, p in enumerate(prompts)
             ]
         images = _images_per_sample(images, len(conversations))
-        formatted = [self.format_conversation(c, add_generation_prompt) for c in conversations]
+        formatted = [self.format_conversation(c, add_generation_prompt, from_prompts) for c in conversations]
         encoded = self.tokenizer([text for text, _ in formatted], add_special_tokens=False, return_offsets_mapping=True)
         rows, kept_images, dropped = [], [], 0
         for i, ((_, spans), ids, offsets) in enumerate(zip(formatted, encoded["input_ids"], encoded["offset_mapping"])):

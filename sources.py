@@ -41,9 +41,14 @@ def _require(path: Path, what: str, directory: bool = False) -> Path:
 
 
 def _read_json(path: Path, what: str) -> Any:
+    with open(_require(path, what), "rb") as handle:
+        data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        raise ValueError(f"{path}: expected {what}, but it is gzip-compressed (gunzip it first)")
     try:
-        with open(_require(path, what), encoding="utf-8") as handle:
-            return json.load(handle)
+        return json.loads(data.decode("utf-8-sig"))  # -sig: a byte-order mark, as some editors write, is skipped
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: expected {what} in UTF-8, but byte {error.start} is not UTF-8 ({error})") from error
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: expected {what}, but it is not valid JSON ({error})") from error
 
@@ -130,6 +135,17 @@ CONTROL_TOKEN = re.compile(r"<\|\w+\|>|</?s>|<unk>")
 CONTROL_REASON = "texts holding a control token such as <|end|> (the tokenizer would read it as markup)"
 
 
+def _text_problem(text: str) -> str | None:
+    """Why a caption or turn cannot be trained on, if it cannot: a control token, or text that is not Unicode."""
+    if CONTROL_TOKEN.search(text):
+        return CONTROL_REASON
+    try:  # JSON's "\ud83d" escape without its pair (a cut emoji) decodes, but no tokenizer takes it
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "texts that are not valid Unicode (a lone surrogate such as half an emoji)"
+    return None
+
+
 def _caption_of(annotation: Any, key: str) -> str | None:
     if not isinstance(annotation, dict) or not _usable_id(annotation.get(key)):
         return None
@@ -163,7 +179,7 @@ def read_coco(
             or not _usable_id(image.get("id"))
             or not isinstance(image.get("file_name"), str)
         ):
-            rejected.add("image entries without an id and a file_name", f"images[{position}]")
+            rejected.add("image entries without an id (int or string) and a file_name", f"images[{position}]")
             continue
         key = str(image["id"])
         listed[key] += 1
@@ -176,8 +192,8 @@ def read_coco(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
-        elif CONTROL_TOKEN.search(caption):
-            rejected.add(CONTROL_REASON, annotation.get("id", f"annotations[{position}]"))
+        elif _text_problem(caption):
+            rejected.add(_text_problem(caption), annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) not in listed:
             rejected.add("annotations of an image id not in 'images'", annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) in files:
@@ -207,8 +223,8 @@ def read_cc_sbu_align(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
-        elif CONTROL_TOKEN.search(caption):
-            rejected.add(CONTROL_REASON, annotation["image_id"])
+        elif _text_problem(caption):
+            rejected.add(_text_problem(caption), annotation["image_id"])
         else:
             captions[annotation["image_id"]].append(caption)
     rejected.report("entries")
@@ -234,8 +250,8 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
     """(problem, images, turns) of one LLaVA entry; leading gpt turns are dropped, as LLaVA's own loader does."""
     if not isinstance(entry, dict):
         return "entries that are not JSON objects", [], []
-    images = entry.get("image") or []
-    images = [images] if isinstance(images, str) else images
+    images = entry.get("image")  # absent or null: a text-only sample; "" is a broken file name, not that
+    images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(name, str) and name for name in images):
         return "entries whose 'image' is not a file name", [], []
     turns = entry.get("conversations")
@@ -249,8 +265,8 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
             return f"conversations with a turn from {turn['from']!r} (expected human or gpt)", [], []
         if not isinstance(turn["value"], str):
             return f"conversations with a turn whose value is {type(turn['value']).__name__}, not text", [], []
-        if CONTROL_TOKEN.search(turn["value"]):
-            return CONTROL_REASON, [], []
+        if _text_problem(turn["value"]):
+            return _text_problem(turn["value"]), [], []
     if not turns:
         return "empty conversations (no turns)", [], []
     turns = [(_LLAVA_ROLES[turn["from"]], turn["value"]) for turn in turns]

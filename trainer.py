@@ -34,6 +34,7 @@ from backbones import read_config_file
 from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
 from dataset import BadImageError, BadRecordError
 from generate import generate
+from processor import IMAGE_TOKEN
 
 logger = logging.getLogger("train")
 
@@ -182,7 +183,9 @@ class ProgressReport(TrainerCallback):
         if not (state.is_world_process_zero and self.samples):
             return
         prompts = [s["conversation"][0]["content"] for s in self.samples]
-        replies = generate(model, prompts, [s["images"] for s in self.samples], max_new_tokens=32)
+        # The first question, with the images it shows (a conversation may show its image in a later question).
+        images = [s["images"][: prompt.count(IMAGE_TOKEN)] for s, prompt in zip(self.samples, prompts)]
+        replies = generate(model, prompts, images, max_new_tokens=32)
         lines = []
         for sample, reply in zip(self.samples, replies):
             reference = sample["conversation"][1]["content"]

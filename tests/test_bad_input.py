@@ -91,6 +91,20 @@ def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, de
     assert "step 1 caption" in caplog.text  # the report went on with the next usable images
 
 
+def test_the_report_captions_a_conversation_whose_image_comes_in_a_later_question(tmp_path, demo_dir, caplog):
+    caplog.set_level(logging.INFO, logger="train")
+    image = json.loads((demo_dir / "captions_val.json").read_text())["images"][0]["file_name"]
+    turns = [("human", "hello"), ("gpt", "hi"), ("human", "<image>\nwhat is this?"), ("gpt", "a shape")]
+    late = {"id": "late", "image": image, "conversations": [{"from": f, "value": v} for f, v in turns]}
+    (tmp_path / "late.json").write_text(json.dumps([late]))
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["val"] = {"format": "llava", "annotation_file": str(tmp_path / "late.json")}
+    config["data"]["val"]["image_directory"] = str(demo_dir / "images")
+    config["training_args"].update(max_steps=1, eval_steps=1)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+    assert "step 1 caption late:" in caplog.text and "(reference 'hi')" in caplog.text  # the first turn, no image
+
+
 def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir, capsys, caplog):
     caplog.set_level(logging.INFO, logger="train")
     config = tiny_config(demo_dir, tmp_path / "p1")

@@ -74,13 +74,15 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
         "What about this one?",
         "/reset",  # the last image stays attached
         "Hello again",
+        "caf\udce9 au lait",  # a byte a terminal sent that is not UTF-8: an error line, the conversation as it was
         "hello " * 300,  # past max_length: an error line, no reply, and the conversation as it was
     ]
     command = [sys.executable, "chat.py", "--checkpoint", str(tmp_path / "ckpt"), "--image", str(paths["a"])]
     command += ["--max_new_tokens", "8"]
-    result = subprocess.run(
-        command, cwd=ROOT, input="\n".join(typed) + "\n", capture_output=True, text=True, timeout=300
-    )
+    typed_bytes = ("\n".join(typed) + "\n").encode("utf-8", "surrogateescape")
+    strict = os.environ | {"PYTHONIOENCODING": "utf-8:strict"}  # as a UTF-8 locale reads stdin
+    result = subprocess.run(command, cwd=ROOT, input=typed_bytes, capture_output=True, timeout=300, env=strict)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, result.stderr[-3000:]
 
     def ask(turns, images):
@@ -99,6 +101,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert result.stdout == "".join(f"{reply}\n" for reply in (first, second, third, fourth))
     assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
     assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
+    assert "error: a user turn's text is not valid Unicode: surrogates not allowed after 'caf'" in result.stderr
     # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost).
     assert "max_length is 256: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
         result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -251,6 +252,37 @@ def test_llava_reader_maps_roles_and_markers(tmp_path, caplog):
     assert by_id["text"]["images"] == [] and D.IMAGE_TOKEN not in str(by_id["text"]["conversation"])
     assert by_id["after"]["conversation"][0]["content"] == f"Describe it. {D.IMAGE_TOKEN}"
     assert by_id["implicit"]["conversation"][0]["content"] == f"{D.IMAGE_TOKEN} Colour?"
+
+
+def test_text_that_is_not_unicode_and_files_that_are_not_utf8_json(tmp_path, caplog):
+    annotation_file, images = write_llava(tmp_path)
+    entries = json.loads(annotation_file.read_text())
+    entries[1]["conversations"][1]["value"] = (
+        "hi \ud83d"  # half an emoji: the JSON escape decodes, no tokenizer takes it
+    )
+    entries[2]["image"] = ""  # a broken file name, not a text-only sample
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(entries))  # ensure_ascii: the lone surrogate is written as its escape
+    source = {"format": "llava", "annotation_file": str(broken), "image_directory": str(images)}
+    with caplog.at_level(logging.WARNING, logger="dataset"):
+        ds = D.make_dataset(source)
+    assert [record.id for record in ds.records] == ["multi", "implicit"]
+    assert "1 texts that are not valid Unicode (a lone surrogate" in caplog.text and "(e.g. id text)" in caplog.text
+    assert "1 entries whose 'image' is not a file name (e.g. id after)" in caplog.text
+    with pytest.raises(D.BadRecordError, match="record 'text': texts that are not valid Unicode"):
+        D.make_dataset({**source, "on_bad_record": "error"})
+
+    bom = tmp_path / "bom.json"  # as some editors save: read as it is
+    bom.write_bytes(b"\xef\xbb\xbf" + annotation_file.read_bytes())
+    assert len(D.make_dataset({**source, "annotation_file": str(bom)})) == 4
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(annotation_file.read_text().replace("Describe it.", "D\u00e9cris.").encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin1}: expected a LLaVA-Instruct JSON list in UTF-8, but byte"):
+        D.make_dataset({**source, "annotation_file": str(latin1)})
+    packed = tmp_path / "packed.json"
+    packed.write_bytes(gzip.compress(annotation_file.read_bytes()))
+    with pytest.raises(ValueError, match=f"{packed}: expected a LLaVA-Instruct JSON list, but it is gzip-compressed"):
+        D.make_dataset({**source, "annotation_file": str(packed)})
 
 
 def test_llava_mixed_batch_labels_cover_exactly_assistant_turns(tmp_path, tiny_processor):

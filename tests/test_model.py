@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PHI3_TOKENIZER, TINY_TEXT, TINY_VISION, random_image, require_shared, tiny_config
+from PIL import Image
 from transformers import AutoTokenizer, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from config import ConfigError
@@ -163,10 +164,18 @@ def test_processor_edge_inputs(make_model, prompt_format):
     for bad in ([{"content": "hi"}], ["hello"], [{"role": "user", "content": None}]):
         with pytest.raises(ValueError, match="a conversation turn is"):
             processor(conversations=[bad])
-    # A prompt already in chat markup is taken verbatim; the chat format adds the reply prompt once.
+    # A prompt string already in chat markup is taken verbatim; the chat format adds the reply prompt once.
     for markup in ("<|user|>\nhi<|end|>\n", "<|user|>\nhi<|end|>\n<|assistant|>\n"):
-        text, _ = processor.format_conversation([{"role": "user", "content": markup}], add_generation_prompt=True)
+        text = processor.tokenizer.decode(processor(markup, add_generation_prompt=True)["input_ids"][0])
         assert text.count("<|assistant|>") == (1 if prompt_format == "chat" else markup.count("<|assistant|>"))
+    # A conversation's message that quotes markup is a message like any other: wrapped as one.
+    quoted, _ = processor.format_conversation([{"role": "user", "content": "what does <|user|> mean?"}], True)
+    plain, _ = processor.format_conversation([{"role": "user", "content": "what does X mean?"}], True)
+    assert quoted == plain.replace("X", "<|user|>")
+    # Text that is not Unicode (half an emoji from a JSON escape, or a terminal's undecodable byte) is one error.
+    for bad in ("a dog \ud83d here", "caf\udce9 <|placeholder1|>"):
+        with pytest.raises(ValueError, match="user turn's text is not valid Unicode: surrogates not allowed after"):
+            processor([bad], [Image.new("RGB", (8, 8))] if "placeholder" in bad else None)
 
 
 def test_max_length_defaults_to_what_the_language_model_can_take(make_model, tmp_path, caplog):
