@@ -31,7 +31,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import logging as hf_logging
 
-from config import ConfigError, PhiClipConfig
+from config import ConfigError, PhiClipConfig, is_int
 from processor import image_processor_class
 from quantization import load_kwargs, quantize_built
 
@@ -191,6 +191,9 @@ def inline_config(key: str, values: dict) -> PretrainedConfig:
     heads, width = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
     if heads and width and width % heads and "head_dim" not in values:  # else the heads' width is derived from it
         raise ConfigError(f"model.{key}: hidden_size {width} is not a multiple of num_attention_heads {heads}")
+    patch, side = getattr(config, "patch_size", None), getattr(config, "image_size", None)
+    if is_int(patch) and is_int(side) and not 0 < patch <= side:  # else the first convolution fails mid-run
+        raise ConfigError(f"model.{key}: patch_size {patch} must be positive and at most image_size {side}")
     return config
 
 

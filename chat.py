@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         try:  # one the processor would refuse (too elongated to resize) is refused now, not at every message
             conversation.attach(load_image(image, model.processor.image_short_side))
         except BadImageError as error:
-            fail(f"--image {args.image}: {str(error).removeprefix('image: ')}")
+            named = f"{getattr(image, 'filename', '') or 'image'}: "  # the error names the file the image came from
+            fail(f"--image {args.image}: {str(error).removeprefix(named)}")
     if sys.stdin.isatty():
         print(f"chatting with {args.checkpoint} · {COMMANDS_HELP}", file=sys.stderr)
     options = sampling_options(args.temperature, args.top_p, args.max_new_tokens)

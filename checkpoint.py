@@ -41,7 +41,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
 
     if merge_lora:
         model.merge_lora()
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # "." has no name to stage beside
     staging = directory.with_name(f".{directory.name}.incomplete")  # hidden: no checkpoint-* glob finds it
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

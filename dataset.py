@@ -98,7 +98,8 @@ class ConversationDataset(Dataset):
             if policy not in POLICIES:
                 raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
         if not records:
-            raise ValueError("no usable samples (all missing, malformed, or an empty annotation file)")
+            where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
+            raise ValueError(f"{where}no usable samples (all missing, malformed, or an empty annotation file)")
         self.records = list(records)
         self.seed = seed
         self.on_bad_image, self.on_bad_record = on_bad_image, on_bad_record

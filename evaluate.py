@@ -72,6 +72,7 @@ if __name__ == "__main__":
 import json  # the heavy imports follow the early argument check above
 import logging
 import math
+import os
 import re
 import string
 from collections import defaultdict
@@ -300,14 +301,19 @@ def main(argv: list[str] | None = None) -> None:
     except (BadImageError, BadRecordError) as error:  # on_bad_*: error
         fail(f"{args.config}: data.{args.split}: {last_line(error)}")
     files = result_files(checkpoint_directory(args.checkpoint), args.split, args.output)
+
+    def write(path: Path, values: Any, indent: int) -> None:  # whole or absent: a killed run leaves no half file
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(values, indent=indent) + "\n")
+        os.replace(partial, path)
+
     if results["captions"]:
-        files["captions"].write_text(json.dumps(results["captions"], indent=1) + "\n")
+        write(files["captions"], results["captions"], 1)
         metrics["results_file"] = str(files["captions"])
     if results["answers"]:
-        files["answers"].write_text(json.dumps(results["answers"], indent=1) + "\n")
+        write(files["answers"], results["answers"], 1)
         metrics["answers_file"] = str(files["answers"])
-    # In the checkpoint by default, where export.py's model card quotes the figures.
-    files["metrics"].write_text(json.dumps(metrics, indent=2) + "\n")
+    write(files["metrics"], metrics, 2)  # in the checkpoint by default, where export.py's model card quotes it
     print(json.dumps(metrics, indent=2))
 
 

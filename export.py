@@ -410,7 +410,13 @@ def model_card(
     if metrics:
         lines += ["", "## Evaluation (evaluate.py)", ""]
         for path in metrics:
-            values = json.loads(path.read_text())
+            try:
+                values = json.loads(path.read_text())
+            except (OSError, ValueError):
+                values = None
+            if not isinstance(values, dict):  # e.g. evaluate.py killed while writing it
+                print(f"warning: {path}: not a metrics JSON object; left out of the model card", file=sys.stderr)
+                continue
             shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
             lines.append(f"- {path.stem.removeprefix('metrics_')}: {shown}")
     lines += [
@@ -450,7 +456,7 @@ def _training_lines(path: str) -> list[str]:
     for split in ("train", "val"):
         for source in data_sources(config["data"][split]):  # one source, or a list mixed into one set
             where = source.get("annotation_file") or source.get("data_dir")
-            lines.append(f"- {split} data: {source['format']} `{where}`")
+            lines.append(f"- {split} data: {source.get('format', '(no format)')} `{where}`")
     length = f"{args['max_steps']} steps" if args["max_steps"] > 0 else f"{args['num_train_epochs']:g} epoch(s)"
     lines.append(
         f"- {length}, batch {args['batch_size']} x {args['gradient_accumulation_steps']} accumulation, "

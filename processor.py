@@ -304,8 +304,15 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: 
                 f"an image array must be HxW or HxWxC uint8 (as PIL reads), got {image.shape} {image.dtype}"
             ) from None
     if isinstance(image, Image.Image):
-        _check_resized_size(image.size, short_side, "image")
-        return _to_rgb(_upright(image))
+        name = getattr(image, "filename", "") or "image"  # Image.open's images know their file
+        if 0 in image.size:
+            raise BadImageError(f"{name}: {image.size[0]}x{image.size[1]} has no pixels")
+        _check_resized_size(image.size, short_side, name)
+        try:  # an image opened lazily decodes here: a truncated file fails now, not inside the image processor
+            image.load()
+            return _to_rgb(_upright(image))
+        except (OSError, ValueError, SyntaxError, EOFError) as error:
+            raise BadImageError(f"{name}: cannot be decoded as an image ({error})") from error
     if not isinstance(image, (str, os.PathLike)):
         raise TypeError(f"an image is a file path, a PIL image or a uint8 array, got {type(image).__name__}")
     if str(image).startswith(("http://", "https://")):

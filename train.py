@@ -73,6 +73,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
+from checkpoint import ADAPTER_FILE
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
@@ -246,6 +247,11 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
         for turn in turns if sample["images"] else ():
             turn["content"] = " ".join(turn["content"].replace(IMAGE_TOKEN, words).split())
         samples.append({"conversation": turns, "images": []})
+    if not samples:
+        raise ConfigError(
+            f"{config['path']}: text_warmup: none of its {len(data)} samples can be told in words (a conversation "
+            "about an image needs a caption of that image among the data): give captions, or describe: false"
+        )
     logger.info("text warm-up: %d steps on %d samples, each image described in words", settings["steps"], len(samples))
     model.requires_grad_(False)
     model.text_model.requires_grad_(True)
@@ -319,6 +325,11 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         args = _training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
         _check_resume_point(resume_dir, complete, now)
+    model_files = [name for name in ("config.json", ADAPTER_FILE) if (output_dir / name).is_file()]
+    if model_files and not complete and not resume:  # a finished model, or a backbone's own directory
+        raise ConfigError(
+            f"{output_dir} already holds a model ({model_files[0]}): set another checkpoint.output_dir or delete it"
+        )
     if complete and not resume:
         if finished(complete[-1], config["training_args"]["max_steps"]):
             raise ConfigError(

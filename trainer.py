@@ -279,7 +279,10 @@ def output_lock(output_dir: Path) -> Iterator[None]:
         yield
         return
     created = not output_dir.exists()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(f"checkpoint.output_dir {str(output_dir)!r} cannot be created: {error.strerror}") from None
     lock, me = output_dir / LOCK_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started": time.ctime()}
     for _ in range(2):
         try:

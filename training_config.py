@@ -105,6 +105,36 @@ LORA_KEYS = (
 )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys: a section written twice would silently drop the first's settings."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` merges may be overridden by the keys beside them, as YAML means
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+SCHEDULERS = (  # transformers' schedules that need no further arguments (min_lr, decay steps, a metric)
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+
+
 def load_config(
     path: str | Path,
     overrides: list[str] | tuple = (),
@@ -124,9 +154,9 @@ def load_config(
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {'a directory, not a config file' if path.is_dir() else 'config file not found'}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from error
     except UnicodeDecodeError as error:
@@ -228,6 +258,17 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             raise ConfigError(f"{path}: {message}")
 
     require(config["dtype"] in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}, got {config['dtype']!r}")
+    require(0 <= config["seed"] < 2**32, f"seed must be in [0, 2**32), got {config['seed']}")
+    require(config["checkpoint"]["output_dir"].strip(), "checkpoint.output_dir is empty: name the run's directory")
+    warmup = config["text_warmup"]
+    require(warmup["steps"] >= 0, f"text_warmup.steps must be 0 (off) or more, got {warmup['steps']}")
+    for key in ("learning_rate", "batch_size"):
+        require(0 < warmup[key] < float("inf"), f"text_warmup.{key} must be positive (and finite), got {warmup[key]}")
+    require(
+        phase != "two" or warmup["steps"] == 0,
+        "text_warmup: the LM warm-up runs before phase one only (phase two loads the warmed-up LM): set its steps "
+        "to 0 or delete the section",
+    )
     require(config["model"] is not None or phase != "one", "model is required for phase one")
     if config["model"] is not None:
         try:
@@ -353,7 +394,7 @@ def _check_training_args(args: dict, require) -> None:
         require(args[key] >= 0, f"training_args.{key} must be 0 or more, got {args[key]}")
     warmup = args["warmup_steps"]
     require(
-        0 <= warmup < 1 or float(warmup).is_integer(),
+        warmup >= 0 and (warmup < 1 or float(warmup).is_integer()),
         f"training_args.warmup_steps must be a fraction below 1 or a whole number of steps, got {warmup}",
     )
     require(
@@ -364,12 +405,9 @@ def _check_training_args(args: dict, require) -> None:
         args["save_total_limit"] is None or args["save_total_limit"] > 0,
         f"training_args.save_total_limit must be positive or null (keep all), got {args['save_total_limit']}",
     )
-    from transformers.trainer_utils import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType]
     require(
-        args["lr_scheduler"] in schedulers,
-        f"training_args.lr_scheduler must be one of {schedulers}, got {args['lr_scheduler']!r}",
+        args["lr_scheduler"] in SCHEDULERS,
+        f"training_args.lr_scheduler must be one of {list(SCHEDULERS)}, got {args['lr_scheduler']!r}",
     )
     require(
         args["optim"] in OPTIMIZERS, f"training_args.optim must be one of {list(OPTIMIZERS)}, got {args['optim']!r}"
@@ -443,8 +481,11 @@ def _check_lora(settings: dict, name: str, require) -> None:
         f"{name}.lora_alpha must be a positive number, got {alpha!r}",
     )
     dropout = settings.get("lora_dropout", 0.0)
+    if isinstance(dropout, str):  # YAML 1.1 reads `5e-2` (no dot) as a string, as for the training_args numbers
+        with contextlib.suppress(ValueError):
+            dropout = settings["lora_dropout"] = float(dropout)
     require(
-        isinstance(dropout, (int, float)) and 0 <= dropout < 1,
+        isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
         f"{name}.lora_dropout must be in [0, 1), got {dropout!r}",
     )
     bias = settings.get("bias", "none")
@@ -455,6 +496,12 @@ def _check_lora(settings: dict, name: str, require) -> None:
             value is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)),
             f"{name}.{key} must be {expected}, got {value!r}",
         )
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (settings.get(key) or {}).items():
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                f"{name}.{key}: {pattern!r} must map to a positive number, got {value!r}",
+            )
     targets = settings.get("target_modules")
     require(
         (isinstance(targets, str) and targets)

@@ -391,6 +391,14 @@ def test_bad_images_raise_naming_the_file(zoo, name):
         D.load_image(zoo[name])
 
 
+def test_bad_images_given_as_pil_images_raise_as_files_do(zoo):
+    lazy = Image.open(zoo["truncated.jpg"])  # opened, not yet decoded: a notebook's Image.open(path)
+    with pytest.raises(D.BadImageError, match="truncated.jpg: cannot be decoded"):
+        D.load_image(lazy)
+    with pytest.raises(D.BadImageError, match="image: 0x0 has no pixels"):
+        D.load_image(Image.new("RGB", (0, 0)))
+
+
 def test_bombs_are_rejected_from_the_header(zoo, monkeypatch):
     from PIL import ImageFile
 

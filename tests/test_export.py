@@ -211,6 +211,7 @@ def test_settings_llava_cannot_compute_are_refused():
 def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tmp_path):
     checkpoint = phase_two_checkpoint(tiny_tokenizer_dir, tmp_path / "p2", **VARIANTS["mlp_llava"])
     (checkpoint / "metrics_val.json").write_text(json.dumps({"exact_match": 0.625, "images": 8, "results_file": "x"}))
+    (checkpoint / "metrics_train.json").write_text('{"exact_match": 0.')  # evaluate.py killed while writing it
     training = {
         "checkpoint": {"output_dir": "out", "load_dir": "p1"},
         "data": {  # train: a list of sources mixed into one set (as tiny_p2.yaml); val: one source
@@ -239,7 +240,8 @@ def test_command_line_writes_shards_and_refuses_bad_input(tiny_tokenizer_dir, tm
     assert len(shards) > 1 and (tmp_path / "llava" / "model.safetensors.index.json").is_file()
     assert AutoModelForImageTextToText.from_pretrained(tmp_path / "llava").dtype == torch.float32
     card = (tmp_path / "llava" / "README.md").read_text()
-    assert "- val: exact_match 0.625, images 8" in card
+    assert "- val: exact_match 0.625, images 8" in card and "- train:" not in card
+    assert f"warning: {checkpoint / 'metrics_train.json'}: not a metrics JSON object" in result.stderr
     assert (
         "- train data: coco `captions.json`\n- train data: llava `talk.json`\n- val data: cc_sbu_align `cc_sbu`" in card
     )

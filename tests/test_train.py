@@ -128,6 +128,18 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
             ["lora_dropout must be in [0, 1)"],
         ),
         ({"checkpoint": {"load_dir": "p1", "output_dir": "p1"}, **LORA}, "two", ["output_dir must differ from"]),
+        ({"seed": -1}, "one", ["seed must be in [0, 2**32), got -1"]),
+        ({"checkpoint": {"output_dir": ""}}, "one", ["checkpoint.output_dir is empty"]),
+        ({"training_args": {"warmup_steps": -1}}, "one", ["warmup_steps must be a fraction below 1 or a whole"]),
+        ({"training_args": {"lr_scheduler": "cosine_with_min_lr"}}, "one", ["lr_scheduler must be one of"]),
+        ({"text_warmup": {"steps": 2, "learning_rate": -1}}, "one", ["text_warmup.learning_rate must be positive"]),
+        ({"text_warmup": {"steps": -3}}, "one", ["text_warmup.steps must be 0 (off) or more, got -3"]),
+        ({"text_warmup": {"steps": 2}, **LORA}, "two", ["text_warmup: the LM warm-up runs before phase one only"]),
+        (
+            {"peft_text": {"r": 4, "target_modules": ["q"], "rank_pattern": {"qkv": "x"}}},
+            "two",
+            ["peft_text.rank_pattern: 'qkv' must map to a positive number, got 'x'"],
+        ),
     ],
 )
 def test_config_errors_name_the_problem_before_any_model_is_built(
@@ -155,6 +167,51 @@ def test_config_errors_name_the_problem_before_any_model_is_built(
     assert str(path) in message or "no_phase_one" in message
     for fragment in expected:
         assert fragment in message
+
+
+def test_a_yaml_key_written_twice_is_an_error_not_the_last_one_wins(tmp_path, demo_dir, capsys):
+    text = yaml.safe_dump(tiny_config(demo_dir, tmp_path / "out")) + "training_args:\n  learning_rate: 5\n"
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)  # PyYAML alone would drop the first training_args section without a word
+    assert train.main(["--phase_one", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "found duplicate key 'training_args'" in error and str(path) in error
+    # YAML's merge key is no duplicate: a val split that repeats the train source but for its file.
+    config = tiny_config(demo_dir, tmp_path / "out")
+    train_file, val_file = config["data"]["train"]["annotation_file"], config["data"]["val"]["annotation_file"]
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in config.items() if k != "data"})
+        + f"data:\n  train: &train\n    format: coco\n    annotation_file: {train_file}\n"
+        + f"    image_directory: {demo_dir / 'images'}\n  val:\n    <<: *train\n    annotation_file: {val_file}\n"
+    )
+    val = train.load_config(path)["data"]["val"]
+    assert val["annotation_file"] == val_file and val["format"] == "coco"
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["peft_text"] = {"r": 4, "target_modules": ["q"], "lora_dropout": "5e-2"}  # YAML 1.1 reads 5e-2 as text
+    assert train.load_config(write(tmp_path / "p.yaml", config))["peft_text"]["lora_dropout"] == 0.05
+
+
+def test_an_output_directory_that_holds_a_model_or_cannot_be_made_is_refused(tmp_path, demo_dir, capsys, monkeypatch):
+    values = {k: v for k, v in TINY_TEXT.items() if k != "model_type"}
+    Phi3ForCausalLM(Phi3Config(**values)).save_pretrained(tmp_path / "lm")  # a backbone's own directory
+    (tmp_path / "a_file").write_text("")
+    for output_dir, expected in (
+        (tmp_path / "lm", f"{tmp_path / 'lm'} already holds a model (config.json): set another"),
+        (tmp_path / "a_file" / "run", f"checkpoint.output_dir '{tmp_path / 'a_file' / 'run'}' cannot be created: "),
+    ):
+        config = tiny_config(demo_dir, output_dir)
+        config["training_args"].update(max_steps=1, eval_steps=None)
+        assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and expected in error, error
+    assert json.loads((tmp_path / "lm" / "config.json").read_text())["model_type"] == "phi3"  # untouched
+    # "." is a directory like any other (the final model was staged beside a name it does not have).
+    config = tiny_config(demo_dir, Path("."))
+    config["training_args"].update(max_steps=1, eval_steps=None, save_steps=100)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+    assert (tmp_path / "here" / "config.json").is_file()
 
 
 # -------------------------------------------------------------------------------------------------- dry run
