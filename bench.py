@@ -1,6 +1,6 @@
 """Benchmarks: PhiClipMLLM against transformers' LlavaForConditionalGeneration, same architecture, same weights.
 
-    python bench.py [--json] [--out FILE]   CPU, one run (2-3 minutes): train steps, generation, data pipeline
+    python bench.py [--json] [--out FILE]   CPU, one run (90 s idle, up to 5 min busy): train steps, generation, data pipeline
     python bench.py --gpu [--out FILE]      real-scale Phi-3-mini-4k + CLIP-L/14, random weights, bf16, on a GPU
     python bench.py --gpu --tiny            the GPU code path at a tiny size (runs on a CPU too; for tests)
 
@@ -12,11 +12,27 @@ ours stops the tower at the feature layer and projects only supervised positions
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+
+
+def command_line() -> argparse.ArgumentParser:
+    """bench.py's arguments (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
+    parser.add_argument("--gpu", action="store_true", help="real-scale training benchmark on a GPU")
+    parser.add_argument("--tiny", action="store_true", help="with --gpu: tiny configs (a smoke test, CPU is fine)")
+    parser.add_argument("--budget", type=float, default=450.0, help="with --gpu: seconds; late rows fit in it or skip")
+    parser.add_argument("--out", help="also write the JSON results to this file (--gpu: and the table beside it, .txt)")
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args(sys.argv[1:])  # --help and bad arguments answer here, before torch loads
+
+import json  # the heavy imports follow the early argument check above
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -299,13 +315,7 @@ def _cpu_name() -> str:
 
 # --------------------------------------------------------------------------------------------------- GPU
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the results as JSON (progress goes to stderr)")
-    parser.add_argument("--gpu", action="store_true", help="real-scale training benchmark on a GPU")
-    parser.add_argument("--tiny", action="store_true", help="with --gpu: tiny configs (a smoke test, CPU is fine)")
-    parser.add_argument("--budget", type=float, default=450.0, help="with --gpu: seconds; late rows fit in it or skip")
-    parser.add_argument("--out", help="also write the JSON results to this file (--gpu: and the table beside it, .txt)")
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     stream = sys.stderr if args.json else sys.stdout
     say = lambda *a: print(*a, file=stream, flush=True)  # noqa: E731
     start = time.perf_counter()

@@ -19,13 +19,27 @@ Writes lowmem.json and lowmem.md (a table) to --out after every phase.
 from __future__ import annotations
 
 import argparse
-import gc
+import sys
+from pathlib import Path
+
+
+def command_line() -> argparse.ArgumentParser:
+    """bench_lowmem.py's arguments (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny backbones (any device; what the tests run)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per phase (after 2 warm-up)")
+    parser.add_argument("--out", type=Path, help="directory for lowmem.json and lowmem.md")
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args(sys.argv[1:])  # --help and bad arguments answer here, before torch loads
+
+import gc  # the heavy imports follow the early argument check above
 import json
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -321,11 +335,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny backbones (any device; what the tests run)")
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per phase (after 2 warm-up)")
-    parser.add_argument("--out", type=Path, help="directory for lowmem.json and lowmem.md")
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     result = run(args.tiny, args.steps, out=args.out)
     print(table(result))
     return 1 if any("error" in row for row in result["rows"]) else 0

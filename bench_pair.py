@@ -25,6 +25,7 @@ from config import KNOWN_ARCHITECTURES
 from dataset import CAPTION_INSTRUCTIONS
 from model import CONTIGUOUS_VALUE_SDPA, IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM, quiet_loading
 from processor import build_word_tokenizer
+from training_config import RECORDED_KEYS
 
 # The real architectures, as --dry_run knows them (token ids dropped: the scaled configs shrink the vocabulary).
 REAL_TEXT = {k: v for k, v in KNOWN_ARCHITECTURES["microsoft/Phi-3-mini-4k-instruct"].items() if "token_id" not in k}
@@ -275,7 +276,7 @@ def write_training_config(workdir: Path, model_config: PhiClipConfig, dtype: str
     (workdir / "captions.json").write_text(json.dumps(coco))
     config = {
         "dtype": dtype,
-        "model": model_config.to_dict(),
+        "model": {k: v for k, v in model_config.to_dict().items() if k not in RECORDED_KEYS},  # a fresh model's
         "checkpoint": {"output_dir": str(workdir / "output")},
         "data": {
             "train": {

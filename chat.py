@@ -192,6 +192,9 @@ def run_chat(model: PhiClipMLLM, conversation: Conversation, options: dict, line
             print(f"new conversation{kept}", file=notices)
             continue
         if command == "/image":
+            if not argument.strip():
+                print(f"error: /image needs an image file's path; {COMMANDS_HELP}", file=notices)
+                continue
             try:
                 conversation.attach(load_image(Path(argument.strip()).expanduser(), model.processor.image_short_side))
             except BadImageError as error:

@@ -107,8 +107,8 @@ def load_checkpoint(
     elif not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     elif path.is_file():
-        if path.suffix in PICKLE_SUFFIXES:
-            raise ValueError(
+        if path.suffix in PICKLE_SUFFIXES and not (path.parent / "config.json").is_file():
+            raise CheckpointError(
                 f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
                 f"Load a directory written by save_pretrained (config.json + {ADAPTER_FILE})"
             )

@@ -185,7 +185,10 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
             image_processor=object(),
         ).prime_model("one")
         if phase == "two":
-            model.setup_lora(config["peft_text"], config["peft_vision"])
+            try:
+                model.setup_lora(config["peft_text"], config["peft_vision"])
+            except ValueError as error:  # targets that match nothing: as train.py's build_model reports them
+                raise ConfigError(f"{config['path']}: {error}") from None
     labels = {
         name: source if isinstance(source, str) else f"inline {(text if name[0] == 't' else vision)['model_type']}"
         for name, source in names.items()

@@ -452,7 +452,7 @@ def _adapter_text(recipe: dict) -> str:
 def _training_lines(path: str) -> list[str]:
     config = load_config(path, check_paths=False)
     args = config["training_args"]
-    lines = ["", f"## Training ({Path(path).name})", ""]
+    lines = ["", f"## Training (as configured in {Path(path).name})", ""]
     for split in ("train", "val"):
         for source in data_sources(config["data"][split]):  # one source, or a list mixed into one set
             where = source.get("annotation_file") or source.get("data_dir")

@@ -11,15 +11,34 @@ text-only turns and conversations. Same seed -> byte-identical files.
 
 from __future__ import annotations
 
-import json
-import os
+import argparse
+import sys
 from collections.abc import Sequence
+
+from config import CommandLine
+
+
+def command_line() -> argparse.ArgumentParser:
+    """shapes.py's arguments (see the module docstring)."""
+    parser = CommandLine(description="Write the synthetic shapes demo set (images, captions, tokenizer).")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n", type=int, default=2400, help="total images (val gets 300, train the rest)")
+    parser.add_argument("--conversations", type=int, default=1600, help="conversations about them (val gets 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args(sys.argv[1:])  # --help and bad arguments answer here, before numpy and torch load
+
+import json  # the heavy imports follow the early argument check above
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from config import IMAGE_TOKEN, CommandLine
+from config import IMAGE_TOKEN
 from dataset import CAPTION_INSTRUCTIONS
 from processor import build_word_tokenizer
 
@@ -114,7 +133,10 @@ def make_demo(out: str | os.PathLike, n: int = 2400, seed: int = 0, conversation
     talks = {"val": DEMO_VAL_CONVERSATIONS, "train": conversations - DEMO_VAL_CONVERSATIONS}
     splits = {"val": DEMO_VAL_IMAGES, "train": n - DEMO_VAL_IMAGES}
     if talks["train"] <= 0 or talks["train"] > splits["train"]:
-        raise ValueError(f"--conversations must be between {DEMO_VAL_CONVERSATIONS + 1} and {n - DEMO_VAL_IMAGES}")
+        raise ValueError(
+            f"--conversations must be between {DEMO_VAL_CONVERSATIONS + 1} and {DEMO_VAL_CONVERSATIONS + splits['train']} "
+            f"(val has {DEMO_VAL_CONVERSATIONS}; train at most one per training image)"
+        )
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     image_id = 0
@@ -177,13 +199,12 @@ def _llava_turns(turns: list[tuple[str, str]]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python shapes.py --out DIR [--n N] [--seed S]``."""
-    parser = CommandLine(description="Write the synthetic shapes demo set (images, captions, tokenizer).")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--n", type=int, default=2400, help="total images (val gets 300, train the rest)")
-    parser.add_argument("--conversations", type=int, default=1600, help="conversations about them (val gets 200)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = command_line()
     args = parser.parse_args(argv)
-    summary = make_demo(args.out, n=args.n, seed=args.seed, conversations=args.conversations)
+    try:
+        summary = make_demo(args.out, n=args.n, seed=args.seed, conversations=args.conversations)
+    except ValueError as error:  # --n / --conversations out of range
+        parser.error(str(error))
     distinct = summary["distinct_captions"]
     print(
         f"wrote {summary['train']} train + {summary['val']} val captioned images and "

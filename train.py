@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.gpu_memory_gb is not None and not args.dry_run:
         parser.error("--gpu_memory_gb only sizes a --dry_run's estimate")
+    if args.dry_run and args.resume:
+        parser.error("--dry_run plans the configured run from its start; drop --resume")
     try:
         if args.demo:
             run_demo(overrides)

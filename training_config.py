@@ -79,6 +79,9 @@ SCHEMA: dict[str, Any] = {
                     "describe": ((bool,), True), "data": ((dict, list, NONE), None)},
 }
 # fmt: on
+# PhiClipConfig fields that training records in config.json; a YAML model section that set them would claim LoRA or
+# stored backbones that the checkpoint does not have.
+RECORDED_KEYS = ("lora_text", "lora_vision", "saved_backbones", "revisions")
 OPTIONAL_SECTIONS = {"phase_one", "phase_two"}  # the original project's data sections
 # The original project's spellings that have no counterpart here: a one-line message says what to do instead.
 RETIRED_KEYS = {
@@ -271,6 +274,12 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     )
     require(config["model"] is not None or phase != "one", "model is required for phase one")
     if config["model"] is not None:
+        recorded = [key for key in RECORDED_KEYS if config["model"].get(key)]  # null / empty: nothing claimed
+        require(
+            not recorded,
+            f"model.{(recorded or [''])[0]}: recorded by training in a checkpoint's config.json, not a setting "
+            "(LoRA is configured in peft_text / peft_vision)",
+        )
         try:
             model = PhiClipConfig.from_dict(config["model"], where="model")
         except (TypeError, ValueError) as error:

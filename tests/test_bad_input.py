@@ -61,6 +61,7 @@ def test_demo_never_deletes_a_directory_the_user_names(tmp_path, capsys):
         (["--demo", "--dry_run"], "--demo takes no --dry_run"),
         (["--demo", "--phase_one", "--resume"], "--demo takes no --phase_one, --resume"),
         (["--config", "training_configs/tiny.yaml", "--gpu_memory_gb", "12"], "--gpu_memory_gb only sizes a --dry_run"),
+        (["--config", "training_configs/tiny.yaml", "--dry_run", "--resume"], "--dry_run plans the configured run"),
         (
             ["--phase_one", "--config", "training_configs/tiny_p2.yaml"],
             "peft_text and peft_vision and checkpoint.load_dir: phase two's",
@@ -279,6 +280,9 @@ def test_a_phase_two_dry_run_plans_with_the_configs_runtime_keys(tmp_path, demo_
     for argv, tokens in (([], 64), (["--set", "model.max_length=96"], 96)):  # as train.py: the config's 96 wins
         assert train.main(["--config", path, "--dry_run", *argv]) == 0
         assert f"x {tokens} tokens" in capsys.readouterr().out
+    # A LoRA target that matches no layer (the original's CLIP o_proj) is the same one line as in training.
+    status, err = run(["--config", path, "--dry_run", "--set", "peft_vision.target_modules=[o_proj]"], capsys)
+    assert "peft_vision.target_modules: ['o_proj'] match no linear layer" in one_line_error(status, err)
 
 
 # ------------------------------------------------------------------------------------------------------ LLaVA

@@ -15,7 +15,7 @@ import chat as chat_cli
 from chat import Conversation, StreamedReply, sampling_options
 from model import IMAGE_TOKEN, generate
 
-COMMANDS = ("export.py", "chat.py", "demo.py")
+COMMANDS = ("export.py", "chat.py", "demo.py", "shapes.py", "bench.py", "bench_lowmem.py")
 
 
 def test_streamed_pieces_join_to_exactly_the_reply(make_model):
@@ -71,6 +71,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
         f"/image {paths['b']}",
         f"/image {paths['c']}",  # before sending: switches the attached image
         f"/image {paths['long']}",
+        "/image",  # no path: an error line, c stays attached
         "What about this one?",
         "/reset",  # the last image stays attached
         "Hello again",
@@ -102,6 +103,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert "attached to your next message" in result.stderr and "new conversation" in result.stderr
     assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
     assert "error: a user turn's text is not valid Unicode: surrogates not allowed after 'caf'" in result.stderr
+    assert "error: /image needs an image file's path" in result.stderr
     # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost).
     assert "max_length is 256: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
         result.stderr
@@ -131,6 +133,11 @@ def test_help_answers_without_importing_torch(command):
         (
             ["export.py", "--checkpoint", "CKPT", "--out", "x"],
             "checkpoint is incomplete, adapter.safetensors is missing",
+        ),
+        (["shapes.py", "--out", "x", "--n", "10"], "--n must be at least 340 (val has 300)"),
+        (
+            ["shapes.py", "--out", "x", "--n", "400", "--conversations", "100"],
+            "--conversations must be between 201 and 300",
         ),
     ],
 )

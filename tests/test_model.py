@@ -351,12 +351,17 @@ def test_bad_input_errors(make_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a PhiClipMLLM checkpoint"):
         PhiClipMLLM.from_pretrained(tmp_path / "empty")
     model.save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "adapter.safetensors").unlink()
+    (tmp_path / "ckpt" / "adapter.safetensors").rename(tmp_path / "adapter_copy")
     with pytest.raises(FileNotFoundError, match="adapter.safetensors is missing"):
         PhiClipMLLM.from_pretrained(tmp_path / "ckpt")
     torch.save({"w": torch.zeros(1)}, tmp_path / "model_checkpoint.pt")
     with pytest.raises(ValueError, match="pickled checkpoint"):
         PhiClipMLLM.from_pretrained(tmp_path / "model_checkpoint.pt")
+    # A pickle that sits inside a checkpoint (a Trainer checkpoint-N's optimizer.pt) names that checkpoint.
+    (tmp_path / "ckpt" / "adapter.safetensors").write_bytes((tmp_path / "adapter_copy").read_bytes())
+    torch.save({"state": {}}, tmp_path / "ckpt" / "optimizer.pt")
+    loaded = PhiClipMLLM.from_pretrained(tmp_path / "ckpt" / "optimizer.pt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.vision_adapter.parameters(), model.vision_adapter.parameters()))
 
 
 def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_names_the_rest(make_model):

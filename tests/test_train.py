@@ -129,6 +129,7 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
         ),
         ({"checkpoint": {"load_dir": "p1", "output_dir": "p1"}, **LORA}, "two", ["output_dir must differ from"]),
         ({"seed": -1}, "one", ["seed must be in [0, 2**32), got -1"]),
+        ({"model": {"lora_text": {"r": 4}}}, "one", ["model.lora_text: recorded by training in a checkpoint's"]),
         ({"checkpoint": {"output_dir": ""}}, "one", ["checkpoint.output_dir is empty"]),
         ({"training_args": {"warmup_steps": -1}}, "one", ["warmup_steps must be a fraction below 1 or a whole"]),
         ({"training_args": {"lr_scheduler": "cosine_with_min_lr"}}, "one", ["lr_scheduler must be one of"]),
