@@ -297,6 +297,8 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: 
     MAX_RESIZED_PIXELS (an extreme aspect ratio: 20000x1 scales to 224 x 4,480,000) is refused before resizing.
     """
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 1:  # HxWx1 grey (as many libraries keep it): PIL reads HxW
+            image = image[:, :, 0]
         try:  # what PIL reads as an image: HxW (uint8, uint16, bool, ...) or HxWxC uint8 with C 2, 3 or 4
             image = Image.fromarray(image)
         except (TypeError, ValueError):

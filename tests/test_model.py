@@ -369,8 +369,11 @@ def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_name
     expected = generate(model, PROMPTS[0], [image], max_new_tokens=4)
     pixels = np.asarray(image)
     assert generate(model, PROMPTS[0], [pixels], max_new_tokens=4) == expected  # an HxWx3 uint8 array
-    for grey in (np.asarray(image.convert("L")), np.asarray(image.convert("L")).astype(np.uint16) * 257):
-        assert len(generate(model, PROMPTS[0], [grey], max_new_tokens=4)) == 1  # HxW arrays PIL reads
+    grey = np.asarray(image.convert("L"))
+    for grey_form in (grey, grey.astype(np.uint16) * 257):
+        assert len(generate(model, PROMPTS[0], [grey_form], max_new_tokens=4)) == 1  # HxW arrays PIL reads
+    one_channel = generate(model, PROMPTS[0], [grey[:, :, None]], max_new_tokens=4)  # HxWx1, as OpenCV keeps grey
+    assert one_channel == generate(model, PROMPTS[0], [grey], max_new_tokens=4)
     conversation = [{"role": "user", "content": PROMPTS[0]}]
     assert generate(model, conversation, [image], max_new_tokens=4) == expected  # one conversation, not wrapped
     for bad, message in (
