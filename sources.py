@@ -192,8 +192,8 @@ def read_coco(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
-        elif _text_problem(caption):
-            rejected.add(_text_problem(caption), annotation.get("id", f"annotations[{position}]"))
+        elif problem := _text_problem(caption):
+            rejected.add(problem, annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) not in listed:
             rejected.add("annotations of an image id not in 'images'", annotation.get("id", f"annotations[{position}]"))
         elif str(annotation["image_id"]) in files:
@@ -223,8 +223,8 @@ def read_cc_sbu_align(
         caption = _caption_of(annotation, "image_id")
         if caption is None:
             rejected.add("annotations without an image_id and a non-empty caption", f"annotations[{position}]")
-        elif _text_problem(caption):
-            rejected.add(_text_problem(caption), annotation["image_id"])
+        elif problem := _text_problem(caption):
+            rejected.add(problem, annotation["image_id"])
         else:
             captions[annotation["image_id"]].append(caption)
     rejected.report("entries")
@@ -265,8 +265,8 @@ def _llava_turns(entry: Any) -> tuple[str | None, list, list]:
             return f"conversations with a turn from {turn['from']!r} (expected human or gpt)", [], []
         if not isinstance(turn["value"], str):
             return f"conversations with a turn whose value is {type(turn['value']).__name__}, not text", [], []
-        if _text_problem(turn["value"]):
-            return _text_problem(turn["value"]), [], []
+        if problem := _text_problem(turn["value"]):
+            return problem, [], []
     if not turns:
         return "empty conversations (no turns)", [], []
     turns = [(_LLAVA_ROLES[turn["from"]], turn["value"]) for turn in turns]

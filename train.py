@@ -357,6 +357,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
             dataset.attach(model.processor)  # samples too long for max_length are skipped and counted
     if phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0:
         text_warmup(model, train_set, config)
+    elif phase == "two" and config["text_warmup"]["steps"] > 0:  # e.g. one --set for both phases of the demo
+        logger.warning("text_warmup runs before phase one only: phase two trains on the model it loads")
     counts, trains = model.parameter_counts(), "the adapter" if phase == "one" else "the adapter and LoRA"
     logger.info(
         "phase %s: training %s, %s of %s parameters (%d training samples)",
@@ -378,7 +380,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     repeated = -len(train_set) % (processes * per_process)
     if processes > 1 and repeated:  # accelerate's even_batches: every process takes the same number of batches
         logger.info(
-            "each epoch's last step repeats %d sample(s) from its start to fill %d processes", repeated, processes
+            "an epoch's last step repeats %d sample(s) from its start to fill %d processes", repeated, processes
         )
     trainer.add_callback(EpochDraws(train_set))
     trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))

@@ -75,7 +75,7 @@ class PhiClipTrainer(Trainer):
         evaluation: per-sample loss sums and token counts, gathered with accelerate's gather_for_metrics, which
         drops the samples its sharded loader repeats to fill the last batch of several processes.
         """
-        model = self.accelerator.unwrap_model(self.model)  # no gradients, so no DDP wrapper needed
+        model = self._wrap_model(self.model, training=False)  # DataParallel over several GPUs, never DDP (no grads)
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = samples = 0

@@ -79,8 +79,8 @@ SCHEMA: dict[str, Any] = {
                     "describe": ((bool,), True), "data": ((dict, list, NONE), None)},
 }
 # fmt: on
-# PhiClipConfig fields that training records in config.json; a YAML model section that set them would claim LoRA or
-# stored backbones that the checkpoint does not have.
+# PhiClipConfig fields that training records in config.json: a YAML model section does not set them (LoRA it would
+# claim is refused; a copied config.json's stored-backbone and revision records are dropped).
 RECORDED_KEYS = ("lora_text", "lora_vision", "saved_backbones", "revisions")
 OPTIONAL_SECTIONS = {"phase_one", "phase_two"}  # the original project's data sections
 # The original project's spellings that have no counterpart here: a one-line message says what to do instead.
@@ -127,15 +127,9 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-SCHEDULERS = (  # transformers' schedules that need no further arguments (min_lr, decay steps, a metric)
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
+# transformers' schedules that need more than train.py gives them: lr_scheduler_kwargs (min_lr, decay steps)
+SCHEDULERS_WITH_ARGUMENTS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+SCHEDULERS_ON_EVAL_LOSS = ("reduce_lr_on_plateau", "greedy")  # they step on the eval loss: evaluation must run
 
 
 def load_config(
@@ -267,14 +261,11 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     require(warmup["steps"] >= 0, f"text_warmup.steps must be 0 (off) or more, got {warmup['steps']}")
     for key in ("learning_rate", "batch_size"):
         require(0 < warmup[key] < float("inf"), f"text_warmup.{key} must be positive (and finite), got {warmup[key]}")
-    require(
-        phase != "two" or warmup["steps"] == 0,
-        "text_warmup: the LM warm-up runs before phase one only (phase two loads the warmed-up LM): set its steps "
-        "to 0 or delete the section",
-    )
     require(config["model"] is not None or phase != "one", "model is required for phase one")
     if config["model"] is not None:
-        recorded = [key for key in RECORDED_KEYS if config["model"].get(key)]  # null / empty: nothing claimed
+        for key in ("saved_backbones", "revisions"):  # a copied config.json's record of its own run: not settings
+            config["model"].pop(key, None)
+        recorded = [key for key in ("lora_text", "lora_vision") if config["model"].get(key)]
         require(
             not recorded,
             f"model.{(recorded or [''])[0]}: recorded by training in a checkpoint's config.json, not a setting "
@@ -320,6 +311,10 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     require(data["num_workers"] >= 0, f"data.num_workers must be 0 or more, got {data['num_workers']}")
     require(data["eval_captions"] >= 0, f"data.eval_captions must be 0 or more, got {data['eval_captions']}")
     _check_training_args(args, require)
+    require(
+        args["lr_scheduler"] not in SCHEDULERS_ON_EVAL_LOSS or (data["val"] and args["eval_steps"]),
+        f"training_args.lr_scheduler {args['lr_scheduler']} steps on the eval loss: give data.val and eval_steps",
+    )
     for name in ("peft_text", "peft_vision"):
         if config[name] is not None:
             _check_lora(config[name], name, require)
@@ -414,10 +409,16 @@ def _check_training_args(args: dict, require) -> None:
         args["save_total_limit"] is None or args["save_total_limit"] > 0,
         f"training_args.save_total_limit must be positive or null (keep all), got {args['save_total_limit']}",
     )
+    from transformers.trainer_utils import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType if s.value not in SCHEDULERS_WITH_ARGUMENTS]
+    name = args["lr_scheduler"]
     require(
-        args["lr_scheduler"] in SCHEDULERS,
-        f"training_args.lr_scheduler must be one of {list(SCHEDULERS)}, got {args['lr_scheduler']!r}",
+        name not in SCHEDULERS_WITH_ARGUMENTS,
+        f"training_args.lr_scheduler {name} needs lr_scheduler_kwargs (min_lr, decay steps), which train.py does not "
+        f"take; one of {schedulers}",
     )
+    require(name in schedulers, f"training_args.lr_scheduler must be one of {schedulers}, got {name!r}")
     require(
         args["optim"] in OPTIMIZERS, f"training_args.optim must be one of {list(OPTIMIZERS)}, got {args['optim']!r}"
     )
@@ -505,12 +506,10 @@ def _check_lora(settings: dict, name: str, require) -> None:
             value is None or (isinstance(value, types) and not (isinstance(value, bool) and bool not in types)),
             f"{name}.{key} must be {expected}, got {value!r}",
         )
-    for key in ("rank_pattern", "alpha_pattern"):
+    for key, kind in (("rank_pattern", "integer"), ("alpha_pattern", "number")):
         for pattern, value in (settings.get(key) or {}).items():
-            require(
-                isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                f"{name}.{key}: {pattern!r} must map to a positive number, got {value!r}",
-            )
+            number = is_int(value) or (kind == "number" and isinstance(value, float))
+            require(number and value > 0, f"{name}.{key}: {pattern!r} must map to a positive {kind}, got {value!r}")
     targets = settings.get("target_modules")
     require(
         (isinstance(targets, str) and targets)

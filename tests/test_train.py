@@ -101,6 +101,12 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
     expected = {"format": "coco", **config["phase_one"], "on_bad_image": "skip", "on_bad_record": "skip"}
     assert loaded["data"]["train"] == expected
     assert loaded["path"] == str(path)
+    plateau = train.load_config(path, ["training_args.lr_scheduler=reduce_lr_on_plateau"], phase="one")  # evaluates
+    assert plateau["training_args"]["lr_scheduler"] == "reduce_lr_on_plateau"
+    # A model section copied from a checkpoint's config.json: its record of that run is no setting, and is dropped.
+    config["model"] |= {"saved_backbones": ["text_model"], "revisions": {"text_model": "a" * 40}, "lora_text": None}
+    copied = train.load_config(write(tmp_path / "copied.yaml", config), phase="one")["model"]
+    assert "saved_backbones" not in copied and "revisions" not in copied
     for name, phase in (("phi_clip.yaml", "one"), ("phi_clip_p2.yaml", "two"), ("tiny.yaml", "one")):
         train.load_config(CONFIGS / name, phase=phase, check_paths=False)
     assert train.load_config(CONFIGS / "tiny_p2.yaml", check_paths=False)["peft_vision"]["r"] == 16
@@ -132,14 +138,19 @@ def test_load_config_fills_defaults_applies_overrides_and_maps_the_seed_section(
         ({"model": {"lora_text": {"r": 4}}}, "one", ["model.lora_text: recorded by training in a checkpoint's"]),
         ({"checkpoint": {"output_dir": ""}}, "one", ["checkpoint.output_dir is empty"]),
         ({"training_args": {"warmup_steps": -1}}, "one", ["warmup_steps must be a fraction below 1 or a whole"]),
-        ({"training_args": {"lr_scheduler": "cosine_with_min_lr"}}, "one", ["lr_scheduler must be one of"]),
+        ({"training_args": {"lr_scheduler": "cosine_with_min_lr"}}, "one", ["needs lr_scheduler_kwargs (min_lr"]),
         ({"text_warmup": {"steps": 2, "learning_rate": -1}}, "one", ["text_warmup.learning_rate must be positive"]),
         ({"text_warmup": {"steps": -3}}, "one", ["text_warmup.steps must be 0 (off) or more, got -3"]),
-        ({"text_warmup": {"steps": 2}, **LORA}, "two", ["text_warmup: the LM warm-up runs before phase one only"]),
+        ({"training_args": {"lr_scheduler": "reduce_lr_on_plateau", "eval_steps": None}}, "one", ["steps on the eval"]),
         (
             {"peft_text": {"r": 4, "target_modules": ["q"], "rank_pattern": {"qkv": "x"}}},
             "two",
-            ["peft_text.rank_pattern: 'qkv' must map to a positive number, got 'x'"],
+            ["peft_text.rank_pattern: 'qkv' must map to a positive integer, got 'x'"],
+        ),
+        (
+            {"peft_text": {"r": 4, "target_modules": ["q"], "rank_pattern": {"qkv": 2.5}}},
+            "two",
+            ["peft_text.rank_pattern: 'qkv' must map to a positive integer, got 2.5"],
         ),
     ],
 )
@@ -283,8 +294,11 @@ def test_phases_write_loadable_models_rotate_checkpoints_and_log_progress(tmp_pa
     assert "step 4 caption" in log and "bad image(s) skipped" in log
     assert any("epoch" in r.message and "1 bad image(s)" in r.message for r in caplog.records), log
 
-    two = write(tmp_path / "two.yaml", phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=2))
+    two_config = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=2)
+    two_config["text_warmup"] = one["text_warmup"]  # as one --set serves both phases of the demo: said, not done
+    two = write(tmp_path / "two.yaml", two_config)
     assert train.main(["--config", str(two)]) == 0
+    assert "text_warmup runs before phase one only" in caplog.text
     model = PhiClipMLLM.from_pretrained(tmp_path / "p2")
     assert model.config.lora_text["r"] == 4 and (tmp_path / "p2" / "lora_vision").is_dir()
     assert isinstance(generate(model, "Describe this image. <|placeholder1|>", [bad.with_name("000001.png")])[0], str)
@@ -421,7 +435,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
             timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        repeats = "each epoch's last step repeats 4 sample(s) from its start to fill 2 processes"
+        repeats = "an epoch's last step repeats 4 sample(s) from its start to fill 2 processes"
         assert (repeats in result.stderr) == (name == "ddp"), result.stderr[-3000:]
         checkpoints = train.complete_checkpoints(tmp_path / name)
         assert [c.name for c in checkpoints] == ["checkpoint-5"]
