@@ -79,9 +79,10 @@ SCHEMA: dict[str, Any] = {
                     "describe": ((bool,), True), "data": ((dict, list, NONE), None)},
 }
 # fmt: on
-# PhiClipConfig fields that training records in config.json: a YAML model section does not set them (LoRA it would
-# claim is refused; a copied config.json's stored-backbone and revision records are dropped).
-RECORDED_KEYS = ("lora_text", "lora_vision", "saved_backbones", "revisions")
+# PhiClipConfig fields that training records in config.json: a YAML model section does not set them. LoRA it would
+# claim is refused; a copied config.json's record of its own run (stored backbones, hub revisions) is dropped.
+RECORDED_LORA, RECORDED_RUN = ("lora_text", "lora_vision"), ("saved_backbones", "revisions")
+RECORDED_KEYS = RECORDED_LORA + RECORDED_RUN
 OPTIONAL_SECTIONS = {"phase_one", "phase_two"}  # the original project's data sections
 # The original project's spellings that have no counterpart here: a one-line message says what to do instead.
 RETIRED_KEYS = {
@@ -263,9 +264,9 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         require(0 < warmup[key] < float("inf"), f"text_warmup.{key} must be positive (and finite), got {warmup[key]}")
     require(config["model"] is not None or phase != "one", "model is required for phase one")
     if config["model"] is not None:
-        for key in ("saved_backbones", "revisions"):  # a copied config.json's record of its own run: not settings
+        for key in RECORDED_RUN:
             config["model"].pop(key, None)
-        recorded = [key for key in ("lora_text", "lora_vision") if config["model"].get(key)]
+        recorded = [key for key in RECORDED_LORA if config["model"].get(key)]
         require(
             not recorded,
             f"model.{(recorded or [''])[0]}: recorded by training in a checkpoint's config.json, not a setting "
