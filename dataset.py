@@ -49,7 +49,6 @@ from torch.utils.data import DataLoader, Dataset
 # Image decoding and the word tokenizer live with the processor (they know no data source); re-exported here.
 from processor import (  # noqa: F401
     IMAGE_TOKEN,
-    MAX_IMAGE_PIXELS,
     PHI3_SPECIAL_TOKENS,
     BadImageError,
     build_word_tokenizer,

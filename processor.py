@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["IMAGE_TOKEN", "PROMPT_FORMATS", "BadImageError", "PhiClipProcessor", "build_word_tokenizer", "load_image"]
 
 ANSWER_SEPARATOR = "<|placeholder2|>"  # the seed format puts it between prompt and answer
-# Phi-3's special tokens the prompt formats use (in Phi-3's id order; the tiny demo tokenizer adds them so).
-REQUIRED_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|end|>", "<|user|>")
-PHI3_SPECIAL_TOKENS = list(REQUIRED_TOKENS)  # a tokenizer built for the tiny demo must carry them too
+# Phi-3's special tokens the prompt formats use: every tokenizer must have them, and build_word_tokenizer adds them
+# (in Phi-3's id order).
+PHI3_SPECIAL_TOKENS = ("<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|end|>", "<|user|>")
 # The same markup as Phi-3-mini-instruct's template, so the demo tokenizer formats chats identically.
 PHI3_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
@@ -63,7 +63,7 @@ class PhiClipProcessor:
         prompt_format: str = "chat",
         max_length: int | None = None,
     ):
-        missing = [t for t in REQUIRED_TOKENS if t not in tokenizer.get_vocab()]
+        missing = [t for t in PHI3_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} lacks the Phi-3 special tokens {missing}")
         self.tokenizer = tokenizer
@@ -403,7 +403,7 @@ def build_word_tokenizer(texts: list[str], vocab_size: int = 512) -> PreTrainedT
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=PHI3_SPECIAL_TOKENS,
+        special_tokens=list(PHI3_SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
