@@ -25,23 +25,18 @@ def command_line() -> argparse.ArgumentParser:
     parser = CommandLine(description="Chat with a PhiClipMLLM checkpoint in the terminal (replies stream).")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory written by train.py")
     parser.add_argument("--image", help="image attached to the first message")
-    add_sampling_arguments(parser)
-    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
-    return parser
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """--temperature, --top_p, --max_new_tokens (shared with demo.py)."""
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling (0, 1]")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="longest reply in tokens")
+    parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
+    return parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Bad input ends here as one `error:` line, before torch or any weight is loaded."""
     if problem := checkpoint_problem(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint}: {problem}")
-    if getattr(args, "image", None) is not None and not Path(args.image).expanduser().is_file():
+    if args.image is not None and not Path(args.image).expanduser().is_file():
         fail(f"--image {args.image}: no such file")
     if args.temperature < 0:
         fail(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
@@ -56,11 +51,12 @@ if __name__ == "__main__":
 
 import threading  # the heavy imports follow the early argument check above
 from collections.abc import Iterator
+from typing import TextIO
 
 import torch
 from transformers import TextIteratorStreamer
 
-from generate import choose_device, load_checkpoint
+from generate import choose_device, load_checkpoint_or_exit
 from model import PhiClipMLLM, generate
 from processor import BadImageError, load_image
 
@@ -167,10 +163,13 @@ class Conversation:
             self.pending_image = self.images.pop()
 
     def answer(self, text: str) -> None:
+        """Add the model's reply to the last user message."""
         self.turns.append({"role": "assistant", "content": text})
 
 
-def run_chat(model: PhiClipMLLM, conversation: Conversation, options: dict, lines, out, notices) -> None:
+def run_chat(
+    model: PhiClipMLLM, conversation: Conversation, options: dict, lines: TextIO, out: TextIO, notices: TextIO
+) -> None:
     """Read messages and commands from `lines`; stream replies to `out`, notices and errors to `notices`."""
     interactive = getattr(lines, "isatty", lambda: False)()
     while True:
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             image = load_image(Path(args.image).expanduser())  # a file that is no image fails before the model loads
         except BadImageError as error:
             fail(str(error))
-    model = load_checkpoint(args.checkpoint, device)
+    model = load_checkpoint_or_exit(args.checkpoint, device)
     if args.image:
         try:  # one the processor would refuse (too elongated to resize) is refused now, not at every message
             conversation.attach(load_image(image, model.processor.image_short_side))

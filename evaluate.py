@@ -82,7 +82,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
-from generate import choose_device, generate, load_checkpoint
+from generate import choose_device, generate, load_checkpoint_or_exit
 from model import PhiClipMLLM
 from processor import IMAGE_TOKEN, BadImageError
 from sources import BadRecordError
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = make_dataset(config["data"][args.split], seed=config["seed"])
     except (ValueError, FileNotFoundError) as error:
         fail(f"{args.config}: data.{args.split}: {error}")
-    model = load_checkpoint(args.checkpoint, device)
+    model = load_checkpoint_or_exit(args.checkpoint, device)
     dataset.attach(model.processor)  # a sample too long for max_length is skipped and counted, as in training
     try:
         metrics, results = evaluate(

@@ -67,8 +67,12 @@ def choose_device(argument: str | None) -> str:
     return argument
 
 
-def load_checkpoint(checkpoint: str, device: str) -> PhiClipMLLM:
-    """The checkpoint on `device` (bf16 on a GPU that has it), or one `error:` line naming what is wrong with it."""
+def load_checkpoint_or_exit(checkpoint: str, device: str) -> PhiClipMLLM:
+    """The checkpoint on `device` (bf16 on a GPU that has it), or exit with one `error:` line naming what is wrong.
+
+    For the command lines (generate.py, chat.py, demo.py, evaluate.py); a library caller wants
+    PhiClipMLLM.from_pretrained, which raises instead.
+    """
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else None
     try:
         return PhiClipMLLM.from_pretrained(Path(checkpoint).expanduser(), dtype=dtype, device=device)
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     device = choose_device(args.device)
     prompt = args.prompt.replace("<image>", IMAGE_TOKEN)  # LLaVA's marker, as in training data
     prompt = prompt if IMAGE_TOKEN in prompt else f"{prompt} {IMAGE_TOKEN}"
-    model = load_checkpoint(args.checkpoint, device)
+    model = load_checkpoint_or_exit(args.checkpoint, device)
     streamer = None
     if args.stream:
         from transformers import TextStreamer
