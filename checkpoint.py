@@ -26,11 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backbones import CheckpointError, quiet_loading, read_config_file
-from config import ConfigError, PhiClipConfig
+from config import ADAPTER_FILE, ConfigError, PhiClipConfig
 from lora import without_lora
 from quantization import dequantized, is_quantized
 
-ADAPTER_FILE = "adapter.safetensors"
 SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 

@@ -164,6 +164,18 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def feature_layers_used(layer: int, total_layers: int) -> int:
+    """How many vision layers `model.vision_feature_layer` keeps (-1: all); ValueError when it is outside the tower."""
+    # hidden_states has total_layers + 1 entries (the embeddings first): index k is the output of k layers.
+    used = layer if layer >= 0 else total_layers + 1 + layer
+    if not 1 <= used <= total_layers:
+        raise ValueError(
+            f"model.vision_feature_layer={layer} is outside the vision model's {total_layers} layers "
+            f"(use 1..{total_layers} or -1..-{total_layers})"
+        )
+    return used
+
+
 def backbone_architecture(source: str | dict) -> dict | None:
     """A backbone's config values without the hub: inline, a local directory's config.json, or a known name."""
     if isinstance(source, dict):
@@ -212,15 +224,21 @@ class CommandLine(argparse.ArgumentParser):
 
 
 COMPLETE_MARKER = "checkpoint_complete"  # written last (trainer.py): a checkpoint directory without it is ignored
+ADAPTER_FILE = "adapter.safetensors"  # the projector (checkpoint.py); named here for the checks that load no torch
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a Trainer checkpoint directory named `checkpoint-N`; None for any other name."""
+    # "checkpoint-N": transformers' PREFIX_CHECKPOINT_DIR, spelt out here because this module imports no torch.
+    return int(path.name.removeprefix("checkpoint-")) if re.fullmatch(r"checkpoint-\d+", path.name) else None
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Checkpoint directories under output_dir that were fully written, oldest step first."""
-    # "checkpoint-N": transformers' PREFIX_CHECKPOINT_DIR, spelt out here because this module imports no torch.
     found = {
-        int(p.name.split("-")[1]): p
+        checkpoint_step(p): p
         for p in Path(output_dir).glob("checkpoint-*")
-        if re.fullmatch(r"checkpoint-\d+", p.name) and (p / COMPLETE_MARKER).is_file()
+        if checkpoint_step(p) is not None and (p / COMPLETE_MARKER).is_file()
     }
     return [found[step] for step in sorted(found)]
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from config import (
+    ADAPTER_FILE,
     DTYPE_NAMES,
     IMAGE_TOKEN,
     CommandLine,
@@ -89,8 +90,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         fail(f"--checkpoint {args.checkpoint}: no such directory")
     if problem := checkpoint_problem(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint}: {problem}")
-    if not (checkpoint / "adapter.safetensors").is_file():
-        fail(f"--checkpoint {args.checkpoint}: checkpoint is incomplete, adapter.safetensors is missing")
+    if not (checkpoint / ADAPTER_FILE).is_file():
+        fail(f"--checkpoint {args.checkpoint}: checkpoint is incomplete, {ADAPTER_FILE} is missing")
     config_file = checkpoint / "config.json"
     try:
         values = json.loads(config_file.read_text())

@@ -29,7 +29,7 @@ from backbones import (
     quiet_loading,
 )
 from checkpoint import load_checkpoint, save_checkpoint
-from config import ConfigError, PhiClipConfig
+from config import ConfigError, PhiClipConfig, feature_layers_used
 from lora import check_lora_targets, lora_shape
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 from quantization import dequantized, is_quantized, logical_numel
@@ -120,7 +120,7 @@ class PhiClipMLLM(nn.Module):
         vision_config = vision_model.config
         # Stop the tower at the feature layer: layers past it would cost compute and memory for nothing.
         encoder = getattr(vision_model, "vision_model", vision_model).encoder  # older transformers nest it
-        used_layers = self._resolve_feature_layer(config.vision_feature_layer, len(encoder.layers))
+        used_layers = feature_layers_used(config.vision_feature_layer, len(encoder.layers))
         config.vision_feature_layer = used_layers  # non-negative from here on, so truncation is idempotent
         encoder.layers = encoder.layers[:used_layers]
         vision_config.num_hidden_layers = used_layers
@@ -144,17 +144,6 @@ class PhiClipMLLM(nn.Module):
             self.to(self.text_model.get_input_embeddings().weight.device)
         elif device is not None:
             self.to(device)
-
-    @staticmethod
-    def _resolve_feature_layer(layer: int, total_layers: int) -> int:
-        # hidden_states has total_layers + 1 entries (the embeddings first): index k is the output of k layers.
-        used = layer if layer >= 0 else total_layers + 1 + layer
-        if not 1 <= used <= total_layers:
-            raise ValueError(
-                f"model.vision_feature_layer={layer} is outside the vision model's {total_layers} layers "
-                f"(use 1..{total_layers} or -1..-{total_layers})"
-            )
-        return used
 
     @property
     def image_processor(self) -> Any:

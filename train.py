@@ -15,7 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from config import CommandLine, ConfigError, backbone_architecture, last_line, torch_dtype
+from config import (
+    ADAPTER_FILE,
+    CommandLine,
+    ConfigError,
+    backbone_architecture,
+    checkpoint_step,
+    last_line,
+    torch_dtype,
+)
 from training_config import load_config
 
 
@@ -64,7 +72,6 @@ import importlib.util  # the heavy imports follow the early argument check above
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -73,7 +80,6 @@ import torch
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
-from checkpoint import ADAPTER_FILE
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
@@ -279,8 +285,8 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
 
 def _check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int]) -> None:
     """Refuse a resume that would lose checkpoints or not continue where the run stopped."""
-    step = int(resume_dir.name.rsplit("-", 1)[-1]) if re.fullmatch(r"checkpoint-\d+", resume_dir.name) else None
-    later = [p.name for p in complete if step is not None and int(p.name.rsplit("-", 1)[-1]) > step]
+    step = checkpoint_step(resume_dir)
+    later = [p.name for p in complete if step is not None and checkpoint_step(p) > step]
     if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
         raise ConfigError(
             f"--resume {resume_dir}: the output directory also holds later checkpoints ({', '.join(later)}); "

@@ -22,6 +22,7 @@ from config import (
     PhiClipConfig,
     backbone_architecture,
     checkpoint_problem,
+    feature_layers_used,
     installed,
     is_int,
     require_bitsandbytes,
@@ -276,7 +277,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             model = PhiClipConfig.from_dict(config["model"], where="model")
         except (TypeError, ValueError) as error:
             raise ConfigError(f"{path}: {error}") from None
-        _check_feature_layer(model, require)
+        _check_feature_layer(model, path)
         require(
             phase == "two" or not isinstance(model.text_model, dict) or model.tokenizer,
             "model.tokenizer is required with an inline text_model (a random LM has no tokenizer of its own): "
@@ -364,17 +365,15 @@ def data_sources(split: dict | list | None) -> list:
     return [] if split is None else split if isinstance(split, list) else [split]
 
 
-def _check_feature_layer(model: PhiClipConfig, require) -> None:
+def _check_feature_layer(model: PhiClipConfig, path: Path) -> None:
     architecture = backbone_architecture(model.vision_model)
     layers = (architecture or {}).get("num_hidden_layers")
     if layers is None:
         return  # not knowable offline: PhiClipMLLM checks it when the tower is built
-    layer = model.vision_feature_layer
-    require(
-        -layers <= layer <= layers,
-        f"model.vision_feature_layer={layer} is outside the vision model's {layers} layers "
-        f"(use 1..{layers} or -1..-{layers})",
-    )
+    try:
+        feature_layers_used(model.vision_feature_layer, layers)  # as PhiClipMLLM will, before any weight loads
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _check_training_args(args: dict, require) -> None:
