@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from config import is_int
+
 # Image decoding and the word tokenizer live with the processor (they know no data source); re-exported here.
 from processor import (  # noqa: F401
     IMAGE_TOKEN,
@@ -73,6 +75,8 @@ CAPTION_INSTRUCTIONS = (
 
 # How many following samples to try before concluding the data set is mostly broken.
 MAX_REPLACEMENTS = 50
+# The skipped-sample counts a sample and a batch carry besides the model inputs, with what each counts.
+SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}
 
 
 class ConversationDataset(Dataset):
@@ -93,9 +97,7 @@ class ConversationDataset(Dataset):
         on_bad_record: str = "skip",
         source: str | os.PathLike | list[tuple[int, str]] | None = None,
     ) -> None:
-        for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
-            if policy not in POLICIES:
-                raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
+        _check_policies(on_bad_image, on_bad_record)
         if not records:
             where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
             raise ValueError(f"{where}no usable samples (all missing, malformed, or an empty annotation file)")
@@ -159,7 +161,7 @@ class ConversationDataset(Dataset):
         return {"conversation": conversation, "images": list(record.images), "id": record.id}
 
     def __getitem__(self, index: int) -> dict:
-        counts, problem = {"num_bad_images": 0, "num_bad_records": 0}, None
+        counts, problem = dict.fromkeys(SKIPPED, 0), None
         short_side = self.processor.image_short_side if self.processor is not None else None
         for attempt in range(min(len(self), MAX_REPLACEMENTS + 1)):
             sample = self.sample((index + attempt) % len(self))
@@ -251,12 +253,8 @@ def make_dataset(
     # Checked here so a typo fails before a large annotation file is read.
     if per_image not in ("one", "all"):
         raise ValueError(f"captions_per_image must be 'one' or 'all', got {per_image!r}")
-    for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
-        if policy not in POLICIES:
-            raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
-    if max_samples is not None and (
-        not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples <= 0
-    ):
+    _check_policies(on_bad_image, on_bad_record)
+    if max_samples is not None and (not is_int(max_samples) or max_samples <= 0):
         raise ValueError(f"max_samples must be a positive integer (or null for all), got {max_samples!r}")
     if kind == "coco":
         source = path("annotation_file")
@@ -274,6 +272,12 @@ def make_dataset(
     )
 
 
+def _check_policies(on_bad_image: str, on_bad_record: str) -> None:
+    for name, policy in (("on_bad_image", on_bad_image), ("on_bad_record", on_bad_record)):
+        if policy not in POLICIES:
+            raise ValueError(f"{name} must be 'skip' or 'error', got {policy!r}")
+
+
 class Collator:
     """Turns a list of samples into the processor's batch, plus ``num_bad_images``/``num_bad_records`` (0-d)."""
 
@@ -289,7 +293,7 @@ class Collator:
                 drop_unsupervised=True,
             )
         )
-        for key in ("num_bad_images", "num_bad_records"):
+        for key in SKIPPED:
             batch[key] = torch.tensor(sum(sample.get(key, 0) for sample in samples), dtype=torch.long)
         return batch
 

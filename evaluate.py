@@ -81,7 +81,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from dataset import Collator, ConversationDataset, make_dataloader, make_dataset
+from dataset import SKIPPED, Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import choose_device, generate, load_checkpoint_or_exit
 from model import PhiClipMLLM
 from processor import IMAGE_TOKEN, BadImageError
@@ -132,7 +132,7 @@ def validation_loss(
     model.eval()
     total, tokens = 0.0, 0
     for batch in tqdm(loader, desc="val loss", leave=False, disable=None):
-        batch = {k: v.to(device) for k, v in batch.items() if k not in ("num_bad_images", "num_bad_records")}
+        batch = {k: v.to(device) for k, v in batch.items() if k not in SKIPPED}
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch, num_items_in_batch=1).loss)  # num_items_in_batch=1: the summed loss
         tokens += n

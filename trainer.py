@@ -32,16 +32,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from backbones import read_config_file
 from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
-from dataset import BadImageError, BadRecordError
+from dataset import SKIPPED, BadImageError, BadRecordError
 from generate import generate
 from processor import IMAGE_TOKEN
 
 logger = logging.getLogger("train")
 
 LOCK_FILE = "train.lock"  # a live run's pid and host
-
-
-SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}  # counted by dataset.Collator
 
 
 class PhiClipTrainer(Trainer):
