@@ -32,6 +32,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.utils import logging as hf_logging
 
 from config import ConfigError, PhiClipConfig, is_int
+from lora import base_model
 from processor import image_processor_class
 from quantization import load_kwargs, quantize_built
 
@@ -284,7 +285,7 @@ def use_liger_kernels(language_model: nn.Module) -> None:
         raise ConfigError("training_args.use_liger_kernel=true: liger-kernel's Triton kernels need a CUDA GPU")
     from liger_kernel.transformers import monkey_patch  # the per-model patch functions, by model type
 
-    base = language_model.get_base_model() if hasattr(language_model, "get_base_model") else language_model
+    base = base_model(language_model)
     model_type = base.config.model_type
     if model_type not in monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise ConfigError(f"training_args.use_liger_kernel=true: liger-kernel has no kernels for {model_type} models")

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from config import KNOWN_ARCHITECTURES
 from dataset import CAPTION_INSTRUCTIONS
+from lora import base_model
 from model import CONTIGUOUS_VALUE_SDPA, IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM, quiet_loading
 from processor import build_word_tokenizer
 from training_config import RECORDED_KEYS
@@ -189,7 +190,7 @@ def set_checkpointing(modules, on: bool) -> None:
     """Activation checkpointing on or off, under either spelling (transformers >= 5.2x: activation_checkpointing_*;
     5.17 and older: gradient_checkpointing_*), as model.enable_gradient_checkpointing does for ours."""
     for module in modules:
-        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        base = base_model(module)
         new = hasattr(base, "activation_checkpointing_enable")
         if on and new:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from config import KNOWN_ARCHITECTURES, ConfigError, torch_dtype
+from lora import base_model
 from model import PhiClipConfig, PhiClipMLLM
 from processor import build_word_tokenizer
 
@@ -52,8 +53,7 @@ def _architecture(source: str | dict, kind: str) -> dict:
 
 def quantizable_linears(model: PhiClipMLLM) -> list[nn.Linear]:
     """The LM's linear layers bitsandbytes replaces: every one but lm_head (and LoRA's own)."""
-    text = model.text_model
-    base = text.get_base_model() if hasattr(text, "get_base_model") else text
+    base = base_model(model.text_model)
     head = base.get_output_embeddings()
     return [m for n, m in base.named_modules() if isinstance(m, nn.Linear) and m is not head and "lora_" not in n]
 
@@ -99,7 +99,7 @@ def memory_breakdown(
             optimizer += p.numel() * (4 + (STATE_BYTES[optim] if eight_bit else STATE_BYTES["adamw_torch"]))
 
     def tower(backbone, tokens: int) -> int:
-        config = (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).config
+        config = base_model(backbone).config
         layers, h, i = config.num_hidden_layers, config.hidden_size, config.intermediate_size
         lora = [m for m in backbone.modules() if hasattr(m, "lora_A") and hasattr(m, "in_features") and m.lora_A]
         dropout = any(not isinstance(d, torch.nn.Identity) for m in lora for d in m.lora_dropout.values())

@@ -12,6 +12,11 @@ import re
 from torch import nn
 
 
+def base_model(backbone: nn.Module) -> nn.Module:
+    """The transformers model inside peft's LoRA wrapper, or `backbone` itself when it carries no LoRA."""
+    return backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+
+
 def without_lora(state_dict: dict) -> dict:
     """A LoRA-wrapped backbone's state dict as the plain backbone's: no LoRA tensors or trained copies of
     `modules_to_save` (they live in the LoRA directory), no `.base_layer.` / `.original_module.` in names."""

@@ -30,7 +30,7 @@ from backbones import (
 )
 from checkpoint import load_checkpoint, save_checkpoint
 from config import ConfigError, PhiClipConfig, feature_layers_used
-from lora import check_lora_targets, lora_shape
+from lora import base_model, check_lora_targets, lora_shape
 from processor import IMAGE_TOKEN, PhiClipProcessor, image_processor_class
 from quantization import dequantized, is_quantized, logical_numel
 
@@ -292,7 +292,7 @@ class PhiClipMLLM(nn.Module):
         if any(p.requires_grad for p in self.vision_model.parameters()):
             backbones.append(self.vision_model)
         for backbone in backbones:
-            base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+            base = base_model(backbone)
             kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would drop LoRA gradients
             if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
