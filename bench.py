@@ -313,8 +313,9 @@ def _cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
 
 
-# --------------------------------------------------------------------------------------------------- GPU
+# ------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> dict:
+    """Command line: the CPU run, or with --gpu bench_gpu.py's; prints (and with --out writes) the results."""
     args = command_line().parse_args(argv)
     stream = sys.stderr if args.json else sys.stdout
     say = lambda *a: print(*a, file=stream, flush=True)  # noqa: E731

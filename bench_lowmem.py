@@ -107,6 +107,7 @@ def write_backbones(workdir: Path, tiny: bool) -> dict[str, str]:
 
 
 def release() -> None:
+    """Free what the last phase left (its model sits in reference cycles) before the next one is measured."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -143,11 +144,6 @@ def make_samples(model: PhiClipMLLM, count: int) -> tuple[list[dict], int, int]:
     return [{"conversation": conversation, "images": [image]}] * count, batch["input_ids"].shape[1], supervised
 
 
-def build(config: dict, phase: str) -> PhiClipMLLM:
-    """The model train.py builds for a fresh run of this phase (its own build_model)."""
-    return build_model(config, phase)
-
-
 def make_optimizer(parameters: list[torch.Tensor], name: str, learning_rate: float) -> torch.optim.Optimizer:
     """training_args.optim as TrainingArguments maps it: torch's AdamW, or bitsandbytes' AdamW with 8-bit states."""
     if name == "adamw_torch":
@@ -165,7 +161,7 @@ def measure(config: dict, phase: str, steps: int, warmup: int) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     leftover = torch.cuda.memory_allocated() / GB if cuda else 0.0  # an earlier phase's tensors would count too
     started = time.perf_counter()
-    model = build(config, phase).to(device).train()
+    model = build_model(config, phase).to(device).train()  # as train.py builds it for a fresh run
     built_s = time.perf_counter() - started
     args, dtype = config["training_args"], torch_dtype(config["dtype"])
     batch_size = args["batch_size"]
@@ -335,6 +331,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line: run, print the table; exit status 1 when a phase failed."""
     args = command_line().parse_args(argv)
     result = run(args.tiny, args.steps, out=args.out)
     print(table(result))

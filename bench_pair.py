@@ -108,6 +108,7 @@ def flops(
 
 
 def split(parts: dict[str, float]) -> dict:
+    """FLOPs by part as percentages of their total (GFLOP)."""
     total = sum(parts.values())
     return {"total_gflop": round(total / 1e9, 2), **{k: round(100 * v / total, 2) for k, v in parts.items()}}
 
@@ -179,7 +180,8 @@ def set_phase(ours: PhiClipMLLM, peer, phase: str, lora: tuple[dict, dict] | Non
     return counts[0]
 
 
-def unset_lora(ours: PhiClipMLLM, peer) -> None:
+def unset_lora(ours: PhiClipMLLM, peer: torch.nn.Module) -> None:
+    """Take LoRA off both models' backbones (unmerged: the frozen weights stay as built)."""
     for owner, names in ((ours, ("text_model", "vision_model")), (peer.model, ("language_model", "vision_tower"))):
         for name in names:
             if hasattr(getattr(owner, name), "unload"):
@@ -238,11 +240,13 @@ def _attention(ours, part, attn: str) -> str:
 
 
 def random_image(seed: int, size: int = 224) -> Image.Image:
+    """Noise a little larger than `size` (the processor resizes and crops it), the same for the same seed."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size + 32, size + 48, 3), dtype=np.uint8))
 
 
-def make_batch(model: PhiClipMLLM, batch_size: int, device="cpu") -> dict[str, torch.Tensor]:
+def make_batch(model: PhiClipMLLM, batch_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A caption batch through the model's processor: instruction + image -> one of CAPTIONS."""
     prompts = [f"{CAPTION_INSTRUCTIONS[i % len(CAPTION_INSTRUCTIONS)]} {IMAGE_TOKEN}" for i in range(batch_size)]
     answers = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
     size = model.vision_model.config.image_size
@@ -251,6 +255,7 @@ def make_batch(model: PhiClipMLLM, batch_size: int, device="cpu") -> dict[str, t
 
 
 def batch_stats(batch: dict, n_image: int) -> dict:
+    """Tokens per sample (all, text only, supervised) and the padded length: what flops() is fed."""
     tokens = batch["attention_mask"].sum(1).float()
     return {
         "tokens_per_sample": tokens.mean().item(),
@@ -357,6 +362,7 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> 
 
 
 def ratio(a: float, b: float) -> float:
+    """a / b, rounded for the tables."""
     return round(a / b, 4)
 
 
