@@ -114,7 +114,8 @@ class PhiClipMLLM(nn.Module):
             too_long = f"model.max_length={config.max_length} is longer than the text model's {positions} positions"
             if ckpt is None:
                 raise ConfigError(f"{too_long} (max_position_embeddings); use at most that")
-            logger.warning("%s: %s; using %d", ckpt / "config.json", too_long, positions)  # written before the check
+            # A checkpoint saved before this check existed (or edited by hand): load it, capped, not refused.
+            logger.warning("%s: %s; using %d", ckpt / "config.json", too_long, positions)
             config.max_length = positions
         vision_model = load_backbone(config, "vision", ckpt, dtype, self.tokenizer, device)
         vision_config = vision_model.config

@@ -1,8 +1,9 @@
 """The training YAML: its schema and defaults, `--set` overrides, and the check of every key and value.
 
 load_config reads a train.py config whole before any data or weights are loaded: a bad value is a ConfigError
-naming the file, the key, the value and what was expected. Like config.py, it imports neither torch nor a project
-module other than config.py, so config errors answer at once.
+naming the file, the key, the value and what was expected. Like config.py, importing it loads neither torch nor a
+project module other than config.py (so `--help` answers at once); load_config itself reads transformers' schedulers
+and activations (SchedulerType, ACT2FN), and so imports torch, but never builds a model.
 """
 
 from __future__ import annotations
