@@ -50,33 +50,44 @@ def lora_shape(settings: dict | None) -> dict:
     return shape
 
 
-def check_lora_targets(backbone: nn.Module, targets: str | list[str] | None, where: str) -> list[str]:
-    """The names of the linear layers `target_modules` adapts (a list of names, a regex, or "all-linear").
+def check_lora_targets(backbone: nn.Module, settings: dict, where: str) -> list[str]:
+    """The names of the layers a LoRA setting adapts; ValueError naming any `target_modules` entry that matches none.
 
     peft only complains when *no* target matches; a single dead target (the seed's CLIP `o_proj`) passed silently.
+    Matching is peft's own (a name, a dotted suffix, or a regex over the full name; exclude_modules,
+    layers_to_transform), applied one list entry at a time to find the dead ones.
     """
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = settings.get("target_modules")
     if not targets:
         raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
-    output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-    linear = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer}
-    short_names = {name.rsplit(".", 1)[-1] for name in linear}
-    if targets == "all-linear":
-        return [name.rsplit(".", 1)[-1] for name in linear]
+    linear = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    short_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    if targets == "all-linear":  # peft resolves this itself, leaving out the output layer
+        output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+        return [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer]
+
+    def matches(target: str | list[str]) -> list[str]:
+        config = LoraConfig(**{**settings, "target_modules": target})
+        return [name for name in linear if check_target_module_exists(config, name)]
+
     if isinstance(targets, str):  # peft: a regex that must match a module's full name
         try:
-            matched = [name.rsplit(".", 1)[-1] for name in linear if re.fullmatch(targets, name)]
+            re.compile(targets)
         except re.error as error:
             raise ValueError(f"{where}.target_modules: {targets!r} is not a valid regex ({error})") from None
-        if not matched:
+        if not (matched := matches(targets)):
             raise ValueError(
                 f"{where}.target_modules: the regex {targets!r} matches no linear layer of {type(backbone).__name__} "
-                f"(it must match a whole name such as {next(iter(linear), '')!r}); layer names: {sorted(short_names)}"
+                f"(it must match a whole name such as {next(iter(linear), '')!r}); layer names: {short_names}"
             )
         return matched
-    dead = [t for t in targets if t not in short_names]
+    dead = [target for target in targets if not matches([target])]
     if dead:
         raise ValueError(
             f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "
-            f"available: {sorted(short_names)}"
+            f"available: {short_names}"
         )
-    return [name.rsplit(".", 1)[-1] for name in linear if name.rsplit(".", 1)[-1] in targets]
+    return matches(list(targets))

@@ -258,11 +258,12 @@ class PhiClipMLLM(nn.Module):
             if not settings:
                 continue
             settings = dict(settings)
-            matched = check_lora_targets(backbone, settings.get("target_modules"), f"peft_{name}")
+            matched = check_lora_targets(backbone, settings, f"peft_{name}")
             with quiet_loading():
                 setattr(self, f"{name}_model", get_peft_model(backbone, LoraConfig(**settings)))
             setattr(self.config, f"lora_{name}", settings)
-            logger.info("LoRA on the %s model: %d layers (%s)", name, len(matched), ", ".join(sorted(set(matched))))
+            kinds = sorted({layer.rsplit(".", 1)[-1] for layer in matched})
+            logger.info("LoRA on the %s model: %d layers (%s)", name, len(matched), ", ".join(kinds))
         self.vision_adapter.float().requires_grad_(True)
         return self
 

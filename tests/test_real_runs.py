@@ -590,12 +590,20 @@ def test_11_wrong_values_are_one_line_errors_before_anything_loads(tmp_path, dem
 
 # -------------------------------------------------------------------------------------------- 12. LoRA targets
 @pytest.mark.parametrize(
-    "backbone, targets, count",
-    [("text", "all-linear", 2 * 4), ("text", r".*\.self_attn\.(qkv|o)_proj", 2 * 2), ("vision", r".*\.fc\d", 3 * 2)],
+    "backbone, targets, count, extra",
+    [
+        ("text", "all-linear", 2 * 4, {}),
+        ("text", r".*\.self_attn\.(qkv|o)_proj", 2 * 2, {}),
+        ("vision", r".*\.fc\d", 3 * 2, {}),
+        # peft's other spellings: a dotted suffix, and a name list narrowed by exclude_modules / layers_to_transform
+        ("vision", ["self_attn.q_proj", "mlp.fc1"], 3 * 2, {}),
+        ("text", ["qkv_proj", "o_proj"], 3, {"exclude_modules": ["model.layers.0.self_attn.o_proj"]}),
+        ("vision", ["q_proj", "v_proj"], 2, {"layers_to_transform": [0]}),
+    ],
 )
-def test_12_lora_accepts_all_linear_and_regex_targets(make_model, caplog, backbone, targets, count):
+def test_12_lora_accepts_all_linear_and_regex_targets(make_model, caplog, backbone, targets, count, extra):
     model = make_model()
-    settings = {"r": 2, "target_modules": targets}
+    settings = {"r": 2, "target_modules": targets, **extra}
     with caplog.at_level(logging.INFO, logger="model"):
         model.setup_lora(**{f"{backbone}_lora": settings})
     adapted = {
@@ -605,6 +613,8 @@ def test_12_lora_accepts_all_linear_and_regex_targets(make_model, caplog, backbo
     assert not any("lm_head" in name for name in adapted)
     with pytest.raises(ValueError, match="matches no linear layer"):
         make_model().setup_lora(text_lora={"r": 2, "target_modules": r"nothing\..*"})
+    with pytest.raises(ValueError, match=r"\['mlp.q_proj'\] match no linear layer"):  # a suffix must end a name
+        make_model().setup_lora(vision_lora={"r": 2, "target_modules": ["self_attn.q_proj", "mlp.q_proj"]})
 
 
 # ------------------------------------------------------------------------------------------- 13. evaluate split
