@@ -154,6 +154,7 @@ def load_checkpoint(
     model.vision_adapter.load_state_dict(_read_adapter(path / ADAPTER_FILE, model.vision_adapter))
     if trainable:
         model.vision_adapter.float().requires_grad_(True)
+    model.eval()  # as transformers' from_pretrained: LoRA dropout off until a Trainer (or .train()) says otherwise
     return model.to(device) if device is not None else model
 
 

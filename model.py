@@ -401,7 +401,9 @@ def generate(
     else:
         batch = model.processor(prompts, images, padding_side="left", add_generation_prompt=True)
     device = model.text_model.get_input_embeddings().weight.device
-    was_training = model.training
+    # Each module's own mode comes back: a loaded model's backbones are in eval mode, and model.train(True) after
+    # generation would switch on their (LoRA) dropout for every later forward.
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -425,6 +427,7 @@ def generate(
             **generate_kwargs,
         )
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     new_ids = output_ids[:, input_ids.shape[1] :]
     return [text.strip() for text in model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]

@@ -411,6 +411,26 @@ def test_batched_generate_equals_one_by_one(make_model):
     assert len(generate(model, prompts[:2], images[:2], 4, True, num_return_sequences=2)) == 4
 
 
+def test_generate_leaves_every_module_in_its_mode_and_a_loaded_model_in_eval_mode(make_model, tmp_path):
+    model = make_model().prime_model("one")
+    dropout = {"lora_dropout": 0.5, "init_lora_weights": False}
+    model.setup_lora({**TEXT_LORA, **dropout}, {**VISION_LORA, **dropout})
+    model.save_pretrained(tmp_path / "p2")
+    loaded = PhiClipMLLM.from_pretrained(tmp_path / "p2")
+    assert not any(module.training for module in loaded.modules())  # as transformers' from_pretrained
+    batch = loaded.processor(PROMPTS[:1], [random_image(0)])
+    with torch.no_grad():
+        before = loaded(**batch).logits
+    generate(loaded, PROMPTS[0], [random_image(0)], max_new_tokens=2)
+    with torch.no_grad():  # LoRA dropout still off: the same logits, not dropout's noise
+        assert torch.equal(loaded(**batch).logits, before)
+    model.train()
+    model.text_model.eval()  # a mix of modes, as a notebook may leave it, comes back as it was
+    modes = [module.training for module in model.modules()]
+    generate(model, PROMPTS[0], [random_image(0)], max_new_tokens=2)
+    assert [module.training for module in model.modules()] == modes
+
+
 def test_trained_model_stops_at_end_token(make_model):
     model = make_model().train()
     batch = model.processor(PROMPTS[:2], [random_image(0), random_image(1)], ["a red circle"] * 2)
