@@ -180,7 +180,10 @@ class PhiClipProcessor:
             )
         if not rows:
             raise UnusableSample("every sample of the batch was dropped: no supervised tokens left")
-        batch = self._pad(rows, padding_side, with_labels=any(spans for _, spans in formatted))
+        # A prompt to generate from supervises nothing (its earlier answers are context): no all -100 labels, which
+        # would turn model(**batch) into a zero loss over zero logits.
+        with_labels = not add_generation_prompt and any(spans for _, spans in formatted)
+        batch = self._pad(rows, padding_side, with_labels=with_labels)
         if kept_images:
             pil_images = [load_image(image, self.image_short_side) for image in kept_images]
             batch["pixel_values"] = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]

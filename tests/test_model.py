@@ -431,6 +431,20 @@ def test_generate_leaves_every_module_in_its_mode_and_a_loaded_model_in_eval_mod
     assert [module.training for module in model.modules()] == modes
 
 
+def test_a_generation_prompt_with_earlier_answers_gives_full_logits(make_model):
+    model = make_model()
+    history = [
+        {"role": "user", "content": PROMPTS[0]},
+        {"role": "assistant", "content": "a red circle"},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    batch = model.processor(conversations=[history], images=[[random_image(0)]], add_generation_prompt=True)
+    assert sorted(batch) == ["attention_mask", "input_ids", "pixel_values"]
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, model.text_model.config.vocab_size)
+
+
 def test_trained_model_stops_at_end_token(make_model):
     model = make_model().train()
     batch = model.processor(PROMPTS[:2], [random_image(0), random_image(1)], ["a red circle"] * 2)
