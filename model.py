@@ -424,7 +424,7 @@ def generate(
             pad_token_id=model.processor.pad_token_id,
             streamer=streamer,
             **sampling,
-            **generate_kwargs,
+            **{"tokenizer": model.tokenizer, **generate_kwargs},  # stop_strings need it, and find no other
         )
     finally:
         for module, training in modes:

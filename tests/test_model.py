@@ -445,6 +445,14 @@ def test_a_generation_prompt_with_earlier_answers_gives_full_logits(make_model):
     assert logits.shape == (*batch["input_ids"].shape, model.text_model.config.vocab_size)
 
 
+def test_stop_strings_work_without_passing_the_tokenizer(make_model):
+    model, image = make_model(), random_image(0)
+    full = generate(model, PROMPTS[0], [image], max_new_tokens=8)[0]
+    stop = full[1:4]  # a string the reply holds: generation ends where it is complete
+    stopped = generate(model, PROMPTS[0], [image], max_new_tokens=8, stop_strings=[stop])[0]
+    assert stop in stopped and full.startswith(stopped) and len(stopped) < len(full)
+
+
 def test_trained_model_stops_at_end_token(make_model):
     model = make_model().train()
     batch = model.processor(PROMPTS[:2], [random_image(0), random_image(1)], ["a red circle"] * 2)
