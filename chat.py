@@ -167,6 +167,18 @@ class Conversation:
         self.turns.append({"role": "assistant", "content": text})
 
 
+def full_context(model: PhiClipMLLM) -> PhiClipMLLM:
+    """Let a conversation grow to the language model's positions, not to training's model.max_length.
+
+    max_length caps training samples: the real recipe's 384 holds one 257-token image and ~120 tokens of text, so a
+    second image, or a question after a long reply, was refused although Phi-3 takes 4096 positions.
+    """
+    positions = getattr(model.text_model.config, "max_position_embeddings", None)
+    if positions and model.processor.max_length is not None and positions > model.processor.max_length:
+        model.processor.max_length = model.config.max_length = positions
+    return model
+
+
 def run_chat(
     model: PhiClipMLLM, conversation: Conversation, options: dict, lines: TextIO, out: TextIO, notices: TextIO
 ) -> None:
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             image = load_image(Path(args.image).expanduser())  # a file that is no image fails before the model loads
         except BadImageError as error:
             fail(str(error))
-    model = load_checkpoint_or_exit(args.checkpoint, device)
+    model = full_context(load_checkpoint_or_exit(args.checkpoint, device))
     if args.image:
         try:  # one the processor would refuse (too elongated to resize) is refused now, not at every message
             conversation.attach(load_image(image, model.processor.image_short_side))

@@ -60,7 +60,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local page repor
 
 import gradio as gr
 
-from chat import Conversation, StreamedReply, sampling_options
+from chat import Conversation, StreamedReply, full_context, sampling_options
 from generate import choose_device, load_checkpoint_or_exit
 from model import PhiClipMLLM
 from processor import BadImageError, load_image
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = [str(Path(p).expanduser()) for p in args.example]
     if not examples and DEMO_IMAGES.is_dir():
         examples = [str(p) for p in sorted(DEMO_IMAGES.glob("*.png"))[:4]]
-    model = load_checkpoint_or_exit(args.checkpoint, device)
+    model = full_context(load_checkpoint_or_exit(args.checkpoint, device))
     demo = build_demo(model, examples, args.max_new_tokens)
     demo.queue().launch(
         server_name=args.host,

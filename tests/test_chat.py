@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -104,8 +105,9 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert f"error: /image {paths['long']}: {paths['long']}: 20000x1 is too elongated" in result.stderr
     assert "error: a user turn's text is not valid Unicode: surrogates not allowed after 'caf'" in result.stderr
     assert "error: /image needs an image file's path" in result.stderr
-    # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost).
-    assert "max_length is 256: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
+    # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost);
+    # the limit is the LM's 512 positions, not the 256 tokens of a training sample.
+    assert "max_length is 512: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
         result.stderr
     )
 
@@ -187,6 +189,26 @@ def test_a_broken_checkpoint_is_one_error_line(make_model, tmp_path, capsys, dam
     lines = capsys.readouterr().err.strip().splitlines()
     assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert expected in lines[0], lines
+
+
+def test_a_conversation_may_outgrow_the_training_max_length(make_model, tmp_path, capsys, monkeypatch):
+    # 17 tokens per image: max_length=40 holds one image and its question, as the real recipe's 384 holds one
+    # 257-token image; a second image still fits the LM's 512 positions.
+    model = make_model(max_length=40)
+    model.save_pretrained(tmp_path / "ckpt")
+    for name, seed in (("a", 0), ("b", 1)):
+        random_image(seed).save(tmp_path / f"{name}.png")
+    typed = ["Describe this image.", f"/image {tmp_path / 'b.png'}", "And this one?"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(typed) + "\n"))
+    chat_cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--image", str(tmp_path / "a.png"), "--max_new_tokens", "8"])
+    out, err = capsys.readouterr()
+    assert "error" not in err, err
+    turns = [{"role": "user", "content": f"Describe this image. {IMAGE_TOKEN}"}]
+    first = generate(model, [turns], [[random_image(0)]], max_new_tokens=8)[0]
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": f"And this one? {IMAGE_TOKEN}"}]
+    model.processor.max_length = 512
+    second = generate(model, [turns], [[random_image(0), random_image(1)]], max_new_tokens=8)[0]
+    assert out == f"{first}\n{second}\n"
 
 
 def test_an_image_the_processor_would_refuse_is_refused_at_start(make_model, tmp_path, capsys):
