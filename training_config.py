@@ -30,25 +30,6 @@ from config import (
 )
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # training_args.optim: TrainingArguments' names
-REPORT_TO = (
-    "auto",  # ours: tensorboard when installed, else none
-    "none",
-    "all",
-    "azure_ml",
-    "clearml",
-    "codecarbon",
-    "comet_ml",
-    "dagshub",
-    "dvclive",
-    "flyte",
-    "kubeflow",
-    "mlflow",
-    "neptune",
-    "swanlab",
-    "tensorboard",
-    "trackio",
-    "wandb",
-)
 # The integrations a user names that need a package of their own (transformers' callbacks import it at start).
 REPORT_TO_MODULES = {
     "azure_ml": "azureml", "clearml": "clearml", "codecarbon": "codecarbon", "comet_ml": "comet_ml",
@@ -423,9 +404,16 @@ def _check_training_args(args: dict, require) -> None:
     require(
         args["optim"] in OPTIMIZERS, f"training_args.optim must be one of {list(OPTIMIZERS)}, got {args['optim']!r}"
     )
-    report_to = [args["report_to"]] if isinstance(args["report_to"], str) else args["report_to"]
-    unknown = [name for name in report_to if name not in REPORT_TO]
-    require(not unknown, f"training_args.report_to: unknown integration(s) {unknown}; expected some of {REPORT_TO}")
+    # The integrations this transformers knows (5.0 has no kubeflow), and ours: auto (tensorboard when installed).
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    known = ["auto", "none", "all", *sorted(INTEGRATION_TO_CALLBACK)]
+    unknown = [name for name in _report_to_list(args["report_to"]) if name not in known]
+    require(not unknown, f"training_args.report_to: unknown integration(s) {unknown}; expected some of {known}")
+
+
+def _report_to_list(report_to: str | list[str]) -> list[str]:
+    return [report_to] if isinstance(report_to, str) else report_to
 
 
 def _check_optional_packages(config: dict, path: Path, phase: str | None) -> None:
@@ -451,8 +439,7 @@ def _check_optional_packages(config: dict, path: Path, phase: str | None) -> Non
             f"{path}: model.attn_implementation=flash_attention_3 needs FlashAttention 3 (a Hopper GPU and the "
             "package built from flash-attention's hopper/ directory), which is not installed; or use sdpa"
         )
-    report_to = config["training_args"]["report_to"]
-    for name in [report_to] if isinstance(report_to, str) else report_to:
+    for name in _report_to_list(config["training_args"]["report_to"]):
         module = REPORT_TO_MODULES.get(name)
         if module and not installed(module):
             raise ConfigError(

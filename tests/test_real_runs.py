@@ -588,6 +588,25 @@ def test_11_wrong_values_are_one_line_errors_before_anything_loads(tmp_path, dem
     assert not (tmp_path / "p1").exists()  # nothing was written
 
 
+def test_11_report_to_takes_the_integrations_of_the_installed_transformers(tmp_path, demo_dir):
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    from training_config import load_config
+
+    config = run_config(demo_dir, tmp_path / "p1")
+    path = write(tmp_path / "c.yaml", config)
+    # kubeflow came after transformers 5.0: accepted where this transformers has it, refused before the run where not
+    if "kubeflow" in INTEGRATION_TO_CALLBACK:
+        assert (
+            load_config(path, ["training_args.report_to=kubeflow"], "one")["training_args"]["report_to"] == "kubeflow"
+        )
+    else:
+        with pytest.raises(ConfigError, match=r"unknown integration\(s\) \['kubeflow'\]"):
+            load_config(path, ["training_args.report_to=kubeflow"], "one")
+    with pytest.raises(ConfigError, match=r"unknown integration\(s\) \['tensorbored'\]; expected some of \['auto'"):
+        load_config(path, ["training_args.report_to=[tensorboard, tensorbored]"], "one")
+
+
 # -------------------------------------------------------------------------------------------- 12. LoRA targets
 @pytest.mark.parametrize(
     "backbone, targets, count, extra",
