@@ -300,6 +300,8 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 f"{holder.get('started')}): wait for it, choose another checkpoint.output_dir, or delete {lock} if "
                 "that run is gone"
             ) from None
+    else:  # the lock came back after being taken over: another run starting at this moment holds it now
+        raise ConfigError(f"{output_dir}: another run is starting in it at the same time ({lock}); try again")
     try:
         yield
     finally:
