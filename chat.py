@@ -58,7 +58,7 @@ from transformers import TextIteratorStreamer
 
 from generate import choose_device, load_checkpoint_or_exit
 from model import PhiClipMLLM, generate
-from processor import BadImageError, load_image
+from processor import BadImageError, TooLong, load_image
 
 
 class ReplyStreamer(TextIteratorStreamer):
@@ -226,7 +226,7 @@ def run_chat(
                 out.flush()
         except ValueError as error:  # e.g. the conversation no longer fits model.max_length
             conversation.undo_ask()
-            hint = " (/reset starts a new conversation)" if "max_length" in str(error) else ""
+            hint = " (/reset starts a new conversation)" if isinstance(error, TooLong) else ""
             print(f"\nerror: {error}{hint}", file=notices)
             continue
         out.write("\n")

@@ -84,7 +84,7 @@ from tqdm import tqdm
 from dataset import SKIPPED, Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import choose_device, generate, load_checkpoint_or_exit
 from model import PhiClipMLLM
-from processor import IMAGE_TOKEN, BadImageError
+from processor import IMAGE_TOKEN, BadImageError, TooLong
 from sources import BadRecordError
 
 logger = logging.getLogger("evaluate")
@@ -201,9 +201,7 @@ def answer_accuracy(
     for turn in turns:
         try:
             model.processor.check(turn["history"], len(turn["images"]), add_generation_prompt=True)
-        except ValueError as error:
-            if "max_length" not in str(error):
-                raise
+        except TooLong:
             continue
         fitting.append(turn)
     if len(fitting) < len(turns):

@@ -43,6 +43,10 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_RESIZED_PIXELS = 25_000_000
 
 
+class TooLong(ValueError):
+    """A sample longer than max_length where truncation would cut into an image or into the prompt."""
+
+
 class UnusableSample(ValueError):
     """A training sample with nothing left to learn: truncation to max_length removed its whole answer."""
 
@@ -228,7 +232,7 @@ class PhiClipProcessor:
             image_positions = np.flatnonzero(ids == self.image_token_id)
             cuts_image = len(image_positions) and image_positions[-1] >= self.max_length
             if cuts_image or not spans:
-                raise ValueError(
+                raise TooLong(
                     f"{where} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
                     f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
                     f"{'image' if cuts_image else 'prompt'}; raise model.max_length or shorten it"
