@@ -391,6 +391,11 @@ def generate(
         raise ValueError(
             f"generate(): {taken} are set from the prompts and the checkpoint's stop tokens; leave them out"
         )
+    if generate_kwargs.get("return_dict_in_generate"):
+        raise ValueError(
+            "generate(): return_dict_in_generate is not supported: this returns the replies' text; for scores, call "
+            "model.text_model.generate(inputs_embeds=model.embed(...), ...) yourself"
+        )
     if isinstance(prompts, (list, tuple)) and isinstance(prompts[0], dict):  # one conversation, not a list of them
         prompts = [prompts]
     # The processor refuses bad input (an image that cannot be read) before the model's mode is touched.

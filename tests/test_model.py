@@ -386,6 +386,8 @@ def test_generate_takes_the_image_and_conversation_forms_a_notebook_has_and_name
             generate(model, PROMPTS[0], [bad], max_new_tokens=4)
     with pytest.raises(ValueError, match=r"\['eos_token_id'\] are set from the prompts and the checkpoint's stop"):
         generate(model, PROMPTS[0], [image], max_new_tokens=4, eos_token_id=3)
+    with pytest.raises(ValueError, match="return_dict_in_generate is not supported: this returns the replies' text"):
+        generate(model, PROMPTS[0], [image], max_new_tokens=4, return_dict_in_generate=True)
     history = [
         conversation[0],
         {"role": "assistant", "content": "a red circle"},
