@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 from dataset import SKIPPED, Collator, ConversationDataset, make_dataloader, make_dataset
 from generate import choose_device, generate, load_checkpoint_or_exit
-from model import PhiClipMLLM
+from model import PhiClipMLLM, loss_per_sample
 from processor import IMAGE_TOKEN, BadImageError, TooLong
 from sources import BadRecordError
 
@@ -133,9 +133,8 @@ def validation_loss(
     total, tokens = 0.0, 0
     for batch in tqdm(loader, desc="val loss", leave=False, disable=None):
         batch = {k: v.to(device) for k, v in batch.items() if k not in SKIPPED}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch, num_items_in_batch=1).loss)  # num_items_in_batch=1: the summed loss
-        tokens += n
+        sums, counts = loss_per_sample(model(**batch).logits, batch["labels"])
+        total, tokens = total + float(sums.double().sum()), tokens + int(counts.sum())
     loss = total / max(tokens, 1)
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "val_tokens": tokens}
 

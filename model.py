@@ -348,6 +348,19 @@ class PhiClipMLLM(nn.Module):
         return load_checkpoint(cls, path, dtype, device, trainable, **runtime)
 
 
+def loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's summed loss and its supervised-token count, from forward's (supervised positions') logits.
+
+    Sums and counts, not means: a split's loss per token is their totals' ratio, whatever the batching.
+    """
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    rows = supervised.nonzero()[:, 0]  # boolean indexing took the positions in this same row-major order
+    sums = torch.zeros(len(targets), device=logits.device).index_add_(0, rows, token_losses)
+    return sums, supervised.sum(1)
+
+
 def _compiled_when_training(eager: Callable, compiled: Callable) -> Callable:
     # torch.compile has no "only with gradients" switch, hence this dispatch (a Python check outside the graph).
     def forward(*args, **kwargs):

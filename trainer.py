@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -34,6 +33,7 @@ from backbones import read_config_file
 from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
 from dataset import SKIPPED, BadImageError, BadRecordError
 from generate import generate
+from model import loss_per_sample
 from processor import IMAGE_TOKEN
 
 logger = logging.getLogger("train")
@@ -80,12 +80,7 @@ class PhiClipTrainer(Trainer):
             inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k not in SKIPPED})
             with torch.no_grad(), self.compute_loss_context_manager():
                 logits = model(**inputs).logits  # the supervised positions' logits, row by row
-            targets = inputs["labels"][:, 1:]
-            supervised = targets != -100
-            token_losses = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
-            rows = supervised.nonzero()[:, 0]  # boolean indexing takes positions in this same row-major order
-            sums = torch.zeros(len(targets), device=logits.device).index_add_(0, rows, token_losses)
-            sums, counts = self.accelerator.gather_for_metrics((sums, supervised.sum(1)))
+            sums, counts = self.accelerator.gather_for_metrics(loss_per_sample(logits, inputs["labels"]))
             loss_sum += sums.double().sum().cpu()
             tokens, samples = tokens + int(counts.sum()), samples + len(counts)
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
