@@ -23,8 +23,14 @@ from transformers import TrainerCallback
 
 from config import KNOWN_ARCHITECTURES
 from dataset import CAPTION_INSTRUCTIONS
-from lora import base_model
-from model import CONTIGUOUS_VALUE_SDPA, IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM, quiet_loading
+from model import (
+    CONTIGUOUS_VALUE_SDPA,
+    IMAGE_TOKEN,
+    PhiClipConfig,
+    PhiClipMLLM,
+    quiet_loading,
+    set_activation_checkpointing,
+)
 from processor import build_word_tokenizer
 from training_config import RECORDED_KEYS
 
@@ -188,21 +194,6 @@ def unset_lora(ours: PhiClipMLLM, peer: torch.nn.Module) -> None:
                 setattr(owner, name, getattr(owner, name).unload())
 
 
-def set_checkpointing(modules, on: bool) -> None:
-    """Activation checkpointing on or off, under either spelling (transformers >= 5.2x: activation_checkpointing_*;
-    5.17 and older: gradient_checkpointing_*), as model.enable_gradient_checkpointing does for ours."""
-    for module in modules:
-        base = base_model(module)
-        new = hasattr(base, "activation_checkpointing_enable")
-        if on and new:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif on:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.activation_checkpointing_disable() if new else base.gradient_checkpointing_disable()
-            base.disable_input_require_grads()  # enabling added an embedding-output hook
-
-
 def checkpointed_modules(model) -> list[str]:
     """Names of the modules that would recompute their activations in backward."""
     return [name for name, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
@@ -219,13 +210,17 @@ def lever(ours, peer, who: str, phase: str, attn="sdpa", checkpointing=False):
         for part in parts:
             part.set_attn_implementation(_attention(ours, part, attn))
         if checkpointing:
-            ours.enable_gradient_checkpointing() if who == "ours" else set_checkpointing(backbones, True)
+            if who == "ours":
+                ours.enable_gradient_checkpointing()
+            else:
+                for backbone in backbones:
+                    set_activation_checkpointing(backbone, True)
         yield model
     finally:
         for part in parts:
             part.set_attn_implementation(_attention(ours, part, "sdpa"))
-        if checkpointing:
-            set_checkpointing(backbones, False)
+        for backbone in backbones if checkpointing else ():
+            set_activation_checkpointing(backbone, False)
     # A lever that leaves its setting behind would silently change every later row (issue 12: on transformers 5.17
     # checkpointing stayed on after its row, so ours' compiled and phase-two rows recomputed every layer).
     left_on = checkpointed_modules(ours) + checkpointed_modules(peer)

@@ -294,12 +294,7 @@ class PhiClipMLLM(nn.Module):
         if any(p.requires_grad for p in self.vision_model.parameters()):
             backbones.append(self.vision_model)
         for backbone in backbones:
-            base = base_model(backbone)
-            kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would drop LoRA gradients
-            if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
-                base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            set_activation_checkpointing(backbone, True)
 
     def compile_language_model(self, backend: str | Callable = "inductor") -> None:
         """torch.compile each LM decoder layer for training steps (BENCHMARKS.md has the measured gain).
@@ -346,6 +341,25 @@ class PhiClipMLLM(nn.Module):
         repeat the recorded one.
         """
         return load_checkpoint(cls, path, dtype, device, trainable, **runtime)
+
+
+def set_activation_checkpointing(backbone: nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off for a backbone (LoRA-wrapped or not), under either transformers spelling.
+
+    transformers 5.24 names it activation_checkpointing_* (keeping the old name as a deprecated alias); 5.17 and
+    older have only gradient_checkpointing_*.
+    """
+    base = base_model(backbone)
+    new_names = hasattr(base, "activation_checkpointing_enable")
+    if on:
+        kwargs = {"use_reentrant": False}  # frozen inputs: the reentrant variant would drop LoRA gradients
+        if new_names:
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        base.activation_checkpointing_disable() if new_names else base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()  # enabling added a hook that makes the embedding output require grad
 
 
 def loss_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
