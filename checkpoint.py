@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backbones import CheckpointError, quiet_loading, read_config_file
-from config import ADAPTER_FILE, ConfigError, PhiClipConfig
+from config import ADAPTER_FILE, ConfigError, PhiClipConfig, checkpoint_directory
 from lora import without_lora
 from quantization import dequantized, is_quantized
 
@@ -100,13 +100,11 @@ def load_checkpoint(
     """PhiClipMLLM.from_pretrained (see there): `cls` is PhiClipMLLM."""
     from peft import PeftModel
 
-    path = Path(path).expanduser()
-    if not path.exists() and path.suffix and (path.parent / "config.json").is_file():
-        path = path.parent  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
-    elif not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
+    path = checkpoint_directory(path)  # a file named inside a checkpoint (the seed passed .../model_checkpoint.pt)
+    if not path.exists():  # not the parent instead: checkpoint-999 of a run that has no step 999
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    elif path.is_file():
-        if path.suffix in PICKLE_SUFFIXES and not (path.parent / "config.json").is_file():
+    if path.is_file():  # a file outside any checkpoint
+        if path.suffix in PICKLE_SUFFIXES:
             raise CheckpointError(
                 f"{path}: is a pickled checkpoint ({path.suffix}); PhiClipMLLM does not unpickle files. "
                 f"Load a directory written by save_pretrained (config.json + {ADAPTER_FILE})"

@@ -22,6 +22,7 @@ from config import (
     ConfigError,
     PhiClipConfig,
     backbone_architecture,
+    checkpoint_directory,
     checkpoint_problem,
     feature_layers_used,
     installed,
@@ -182,9 +183,8 @@ def _expand_paths(config: dict) -> None:
     for key in ("output_dir", "load_dir"):
         if checkpoint[key] is not None:
             checkpoint[key] = expand_path(checkpoint[key])
-    load_dir = checkpoint["load_dir"]
-    if load_dir and not Path(load_dir).is_dir() and (Path(load_dir).parent / "config.json").is_file():
-        checkpoint["load_dir"] = str(Path(load_dir).parent)  # a file in a checkpoint: the original named its .pt
+    if checkpoint["load_dir"]:  # a file in a checkpoint means the checkpoint: the original named its .pt
+        checkpoint["load_dir"] = str(checkpoint_directory(checkpoint["load_dir"]))
     for section in ("phase_one", "phase_two"):
         for key, value in (config[section] or {}).items():
             config[section][key] = expand_path(value)

@@ -607,6 +607,19 @@ def test_11_report_to_takes_the_integrations_of_the_installed_transformers(tmp_p
         load_config(path, ["training_args.report_to=[tensorboard, tensorbored]"], "one")
 
 
+def test_11_load_dir_names_a_checkpoint_or_a_file_inside_one_never_its_parent(tmp_path, demo_dir, phase_one_dir):
+    from training_config import load_config
+
+    def load_dir(value: Path) -> str:
+        config = phase_two_config(demo_dir, value, tmp_path / "p2")
+        return load_config(write(tmp_path / "c.yaml", config), phase="two")["checkpoint"]["load_dir"]
+
+    assert load_dir(phase_one_dir / "model_checkpoint.pt") == str(phase_one_dir)  # the original named its .pt
+    # A step the run never saved is an error, not the run's final model in its place.
+    with pytest.raises(ConfigError, match="checkpoint-999': no such directory"):
+        load_dir(phase_one_dir / "checkpoint-999")
+
+
 # -------------------------------------------------------------------------------------------- 12. LoRA targets
 @pytest.mark.parametrize(
     "backbone, targets, count, extra",
