@@ -134,6 +134,7 @@ import shutil
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from backbones import read_config_file
 from config import torch_dtype
 from model import PhiClipMLLM, quiet_loading
 from processor import ANSWER_SEPARATOR
@@ -322,13 +323,13 @@ def export_llava(
     as trained on a probe input (to 1e-4 of the logit scale; 3% for 8bit) before anything is written. Then it is
     cast to `dtype` and saved.
     """
-    out = Path(out)
+    out, checkpoint = Path(out), checkpoint_directory(checkpoint)  # a file inside a checkpoint means the checkpoint
     model = PhiClipMLLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     quantize, probe = model.config.quantize, probe_batch(model)
     with torch.no_grad():  # the reference is the model as trained: quantised, LoRA unmerged
         reference = model(**probe).logits.float() if check else None
     model = merge_lora(model)
-    recipe = json.loads((Path(checkpoint) / "config.json").read_text())  # as trained, LoRA settings included
+    recipe = read_config_file(checkpoint / "config.json", "PhiClipMLLM")  # as trained, LoRA settings included
     llava = to_llava(model, torch.float32)
     if check:
         with torch.no_grad():
@@ -350,7 +351,7 @@ def export_llava(
     del model
     llava = llava.to(dtype)
     llava.generation_config = generation
-    card = model_card(recipe, llava.config, dtype, training_config, Path(checkpoint), str(out))  # before any write
+    card = model_card(recipe, llava.config, dtype, training_config, checkpoint, str(out))  # before any write
     staging = out.with_name(out.name + ".incomplete")
     shutil.rmtree(staging, ignore_errors=True)
     try:

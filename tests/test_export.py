@@ -181,7 +181,8 @@ def test_processor_chat_template_writes_our_prompts_with_the_phi3_tokenizer(tmp_
     torch.manual_seed(0)
     config = tiny_config(tokenizer_dir, text_model=text, normalize=False, prompt_format=prompt_format)
     PhiClipMLLM(config).save_pretrained(tmp_path / "ckpt")
-    out = export_llava(tmp_path / "ckpt", tmp_path / "llava", dtype=torch.float32)
+    # The original named a file inside the checkpoint, which means the checkpoint (as for from_pretrained).
+    out = export_llava(tmp_path / "ckpt" / "model_checkpoint.pt", tmp_path / "llava", dtype=torch.float32)
     ours, processor = PhiClipMLLM.from_pretrained(tmp_path / "ckpt"), AutoProcessor.from_pretrained(out)
     conversations, images, theirs = conversations_and_images()
     for generation_prompt in (False, True):
