@@ -286,7 +286,9 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+            # Our own pid is no other run's: a container restarted with the same hostname and pid (often 1).
+            gone = holder.get("pid") == me["pid"] or not _alive(holder.get("pid"))
+            if holder.get("host") == me["host"] and gone:
                 logger.warning("%s: taking over the lock of a run that is gone (pid %s)", lock, holder.get("pid"))
                 lock.unlink(missing_ok=True)
                 continue
@@ -295,14 +297,21 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 f"{holder.get('started')}): wait for it, choose another checkpoint.output_dir, or delete {lock} if "
                 "that run is gone"
             ) from None
+        except OSError as error:  # a full or read-only disk: an empty lock file would refuse every later run
+            with contextlib.suppress(OSError):
+                lock.unlink(missing_ok=True)
+            raise ConfigError(f"{lock} cannot be written: {error.strerror}") from None
     else:  # the lock came back after being taken over: another run starting at this moment holds it now
         raise ConfigError(f"{output_dir}: another run is starting in it at the same time ({lock}); try again")
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()  # a run that stopped before writing anything leaves nothing behind
+        try:
+            lock.unlink(missing_ok=True)
+            if created and not any(output_dir.iterdir()):
+                output_dir.rmdir()  # a run that stopped before writing anything leaves nothing behind
+        except OSError as error:  # a disk gone read-only: the run's own error, if any, is the one to see
+            logger.warning("%s cannot be removed (%s): the next run on this host takes it over", lock, error.strerror)
 
 
 def _alive(pid: Any) -> bool:
