@@ -68,12 +68,16 @@ def _gigabytes(text: str) -> float:
 if __name__ == "__main__":
     command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
 
-import importlib.util  # the heavy imports follow the early argument check above
+import contextlib  # the heavy imports follow the early argument check above
+import importlib.util
 import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -461,6 +465,31 @@ def _remove_demo_output(directory: Path) -> None:
     shutil.rmtree(directory)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends before it kills) raised as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises Stopped in this process, so the lock is released (the run is resumed, maybe on another
+    host) and the last words are one line. Forked DataLoader workers ignore it: the stopping main process ends
+    them (a worker dying first would be the main process's error, a traceback)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # a launcher or the caller has its own handler
+        return
+    main_pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() == main_pid:
+            raise Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit status."""
     parser = command_line()
@@ -481,26 +510,44 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--gpu_memory_gb only sizes a --dry_run's estimate")
     if args.dry_run and args.resume:
         parser.error("--dry_run plans the configured run from its start; drop --resume")
+    config = None
     try:
-        if args.demo:
-            run_demo(overrides)
-        elif not args.config:
-            parser.error("--config is required (or --demo)")
-        else:
-            phase = "one" if args.phase_one else "two"
-            config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
-            if args.dry_run:
-                from dry_run import dry_run
-
-                print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
+        with _sigterm_stops():
+            if args.demo:
+                run_demo(overrides)
+            elif not args.config:
+                parser.error("--config is required (or --demo)")
             else:
-                run_training(config, phase, args.resume)
+                phase = "one" if args.phase_one else "two"
+                config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
+                if args.dry_run:
+                    from dry_run import dry_run
+
+                    print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
+                else:
+                    run_training(config, phase, args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (BadImageError, BadRecordError) as error:  # on_bad_*: error, or a split with nothing usable
         print(f"error: {last_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped); the lock is released by now
+        signum = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT
+        if threading.current_thread() is threading.main_thread():  # DataLoader workers got the signal too: their
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # deaths are no news (torch's handler would raise)
+        message = f"error: stopped by {signum.name}"
+        if args.demo:
+            message += ": the demo starts over when run again"
+        elif config is not None and not args.dry_run:
+            complete = complete_checkpoints(config["checkpoint"]["output_dir"])
+            message += (
+                f": the latest complete checkpoint is {complete[-1]}; the same command with --resume continues"
+                if complete
+                else " before any checkpoint was complete: the same command starts the run again"
+            )
+        print(message, file=sys.stderr)
+        return 128 + signum
     return 0
 
 

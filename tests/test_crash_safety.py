@@ -6,13 +6,55 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
+from test_train import tiny_config, write
 
+import train
 import trainer
 from config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ONE_THREAD = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+
+# train.py with a signal sent to itself after a given optimizer step (deterministic: no race with a poller).
+SIGNAL_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+from transformers import TrainerCallback
+
+class Signal(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == {step}:
+            os.kill(os.getpid(), signal.{name})
+
+original = train.PhiClipTrainer.__init__
+def init(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    self.add_callback(Signal())
+train.PhiClipTrainer.__init__ = init
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def run_until_signal(tmp_path: Path, config_file: Path, name: str, step: int, *argv: str):
+    script = SIGNAL_AT_STEP.format(root=str(ROOT), step=step, name=name)
+    return subprocess.run(
+        [sys.executable, "-c", script, "--phase_one", "--config", str(config_file), *argv],
+        cwd=tmp_path,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _lock(directory: Path, **holder) -> None:
@@ -49,3 +91,26 @@ def test_a_lock_that_cannot_be_removed_does_not_hide_the_runs_error(tmp_path, mo
     with pytest.raises(RuntimeError, match="the run's own error"), trainer.output_lock(tmp_path / "out"):
         monkeypatch.setattr(Path, "unlink", read_only)  # the disk went read-only during the run
         raise RuntimeError("the run's own error")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_release_the_lock_and_say_where_to_resume(tmp_path, demo_dir, name):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=4, save_steps=2, eval_steps=None)
+    path = write(tmp_path / "one.yaml", config)
+    result = run_until_signal(tmp_path, path, name, 3)
+    signum = getattr(signal, name)
+    assert result.returncode == 128 + signum, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last == (
+        f"error: stopped by {name}: the latest complete checkpoint is {tmp_path / 'p1' / 'checkpoint-2'}; "
+        "the same command with --resume continues"
+    )
+    # The lock is gone: the resumed run may start on another host (a scheduler's requeue), where a dead run's
+    # lock on this host would refuse it.
+    assert not (tmp_path / "p1" / trainer.LOCK_FILE).exists()
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2"]
+    assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
+    assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
