@@ -44,29 +44,33 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
     staging = directory.with_name(f".{directory.name}.incomplete")  # hidden: no checkpoint-* glob finds it
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    config = copy.deepcopy(model.config)
-    for key in ("text_model", "vision_model", "tokenizer"):
-        value = getattr(config, key)
-        if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
-            setattr(config, key, str(Path(value).expanduser().resolve()))
-    for name in ("text", "vision"):
-        backbone = getattr(model, f"{name}_model")
-        has_lora = isinstance(backbone, PeftModel)
-        if has_lora:
-            with quiet_loading():
-                backbone.save_pretrained(staging / f"lora_{name}")
-        if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
-            base = backbone.get_base_model() if has_lora else backbone
-            with quiet_loading():
-                base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
-                base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
-            if f"{name}_model" not in config.saved_backbones:
-                config.saved_backbones.append(f"{name}_model")
-    adapter_state = {k: v.detach().contiguous() for k, v in model.vision_adapter.state_dict().items()}
-    save_file(adapter_state, staging / ADAPTER_FILE)
-    model.tokenizer.save_pretrained(staging)
-    model.image_processor.save_pretrained(staging)
-    (staging / "config.json").write_text(config.to_json_string())
+    try:
+        config = copy.deepcopy(model.config)
+        for key in ("text_model", "vision_model", "tokenizer"):
+            value = getattr(config, key)
+            if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
+                setattr(config, key, str(Path(value).expanduser().resolve()))
+        for name in ("text", "vision"):
+            backbone = getattr(model, f"{name}_model")
+            has_lora = isinstance(backbone, PeftModel)
+            if has_lora:
+                with quiet_loading():
+                    backbone.save_pretrained(staging / f"lora_{name}")
+            if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
+                base = backbone.get_base_model() if has_lora else backbone
+                with quiet_loading():
+                    base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
+                    base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
+                if f"{name}_model" not in config.saved_backbones:
+                    config.saved_backbones.append(f"{name}_model")
+        adapter_state = {k: v.detach().contiguous() for k, v in model.vision_adapter.state_dict().items()}
+        save_file(adapter_state, staging / ADAPTER_FILE)
+        model.tokenizer.save_pretrained(staging)
+        model.image_processor.save_pretrained(staging)
+        (staging / "config.json").write_text(config.to_json_string())
+    except BaseException:  # a full disk, Ctrl-C: no half-written copy is left to fill the disk
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(directory)
         return directory

@@ -97,6 +97,7 @@ from trainer import (
     output_lock,
     saved_batch_shape,
     train_with_progress,
+    writing,
 )
 
 logger = logging.getLogger("train")
@@ -402,7 +403,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     else:
         train_with_progress(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
-        model.save_pretrained(output_dir)
+        with writing(output_dir, output_dir):
+            model.save_pretrained(output_dir)
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
     return model.eval()  # ready to use: LoRA dropout off, as from_pretrained returns a model

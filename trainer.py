@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -29,8 +30,8 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
-from backbones import read_config_file
-from config import COMPLETE_MARKER, ConfigError, complete_checkpoints
+from backbones import CheckpointError, read_config_file
+from config import COMPLETE_MARKER, ConfigError, complete_checkpoints, last_line
 from dataset import SKIPPED, BadImageError, BadRecordError
 from generate import generate
 from model import loss_per_sample
@@ -124,18 +125,19 @@ class PhiClipTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)
         target = root / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:  # a leftover directory of this step (a killed save) is not complete while rewritten
-            (target / COMPLETE_MARKER).unlink(missing_ok=True)
-        super()._save_checkpoint(model, trial)  # save_total_limit is None there: we rotate complete ones only
-        self.accelerator.wait_for_everyone()  # every rank's rng_state file is in before the marker
-        if not self.args.should_save:
-            return
-        args = self.args  # train_batch_size: per process, times DataParallel's GPUs
-        shape = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
-        with open(target / COMPLETE_MARKER, "w") as marker:
-            marker.write(json.dumps({"step": self.state.global_step, **shape}) + "\n")
-            marker.flush()
-            os.fsync(marker.fileno())
+        with writing(target, root, remove_partial=self.args.should_save):
+            if self.args.should_save:  # a leftover of this step (a killed save) is not complete while rewritten
+                (target / COMPLETE_MARKER).unlink(missing_ok=True)
+            super()._save_checkpoint(model, trial)  # save_total_limit is None there: we rotate complete ones only
+            self.accelerator.wait_for_everyone()  # every rank's rng_state file is in before the marker
+            if not self.args.should_save:
+                return
+            args = self.args  # train_batch_size: per process, times DataParallel's GPUs
+            shape = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
+            with open(target / COMPLETE_MARKER, "w") as marker:
+                marker.write(json.dumps({"step": self.state.global_step, **shape}) + "\n")
+                marker.flush()
+                os.fsync(marker.fileno())
         complete = complete_checkpoints(root)
         stale = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p not in complete]  # killed mid-save
         old = complete[: -self.keep_checkpoints] if self.keep_checkpoints else []
@@ -258,6 +260,32 @@ def finished(checkpoint: Path, max_steps: int = -1) -> bool:
     state = read_config_file(checkpoint / "trainer_state.json", "Trainer state")
     last = max_steps if max_steps > 0 else state.get("max_steps", 0)
     return 0 < last <= state.get("global_step", 0)
+
+
+@contextlib.contextmanager
+def writing(target: Path, root: Path, remove_partial: bool = False) -> Iterator[None]:
+    """A checkpoint or final model that cannot be written (a full disk, a read-only one) stops the run with one line
+    (what, why, the space left) naming the latest complete checkpoint in `root`, which the failed save left intact.
+    With `remove_partial`, a `target` left without its COMPLETE_MARKER is removed: it is no checkpoint."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(s in str(error) for s in ("inline_container", "StreamWriter")):
+            raise  # torch.save's failed write says only "[enforce fail at inline_container.cc:...] unexpected pos"
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else last_line(error)
+        if remove_partial and not (target / COMPLETE_MARKER).is_file():
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            free = f"{shutil.disk_usage(root).free / 2**20:.0f} MB free there"
+        except OSError:
+            free = "free space unknown"
+        complete = complete_checkpoints(root)
+        then = (
+            f"the latest complete checkpoint, {complete[-1]}, is intact: --resume continues from it once this is fixed"
+            if complete
+            else "no checkpoint is complete yet"
+        )
+        raise CheckpointError(f"{target}: cannot be written ({reason}; {free}): {then}") from error
 
 
 @contextlib.contextmanager

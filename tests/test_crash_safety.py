@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 from test_train import tiny_config, write
 
+import checkpoint
 import train
 import trainer
 from config import ConfigError
@@ -114,3 +116,51 @@ def test_sigterm_and_ctrl_c_release_the_lock_and_say_where_to_resume(tmp_path, d
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2"]
     assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
+
+
+def _phase_one(demo_dir: Path, tmp_path: Path) -> Path:
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=4, save_steps=2, eval_steps=None)
+    return write(tmp_path / "one.yaml", config)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, demo_dir, monkeypatch, capsys):
+    save = torch.save
+
+    def full_disk(obj, file, *args, **kwargs):  # what torch.save says when the disk is full
+        if "checkpoint-4" in str(file):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    path, out = _phase_one(demo_dir, tmp_path), tmp_path / "p1"
+    assert train.main(["--phase_one", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert error.startswith(f"error: {out / 'checkpoint-4'}: cannot be written ([enforce fail at inline_container")
+    assert f"MB free there): the latest complete checkpoint, {out / 'checkpoint-2'}, is intact: --resume" in error
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]  # no partial checkpoint-4, no staging, no lock
+    monkeypatch.undo()
+    assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
+    assert [p.name for p in train.complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_final_model_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, demo_dir, monkeypatch, capsys):
+    save_file = checkpoint.save_file
+
+    def full_disk(tensors, file, *args, **kwargs):
+        if Path(file).parent.name == ".p1.incomplete":  # the final model, staged beside the output directory
+            raise OSError(28, "No space left on device")
+        return save_file(tensors, file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    path, out = _phase_one(demo_dir, tmp_path), tmp_path / "p1"
+    assert train.main(["--phase_one", "--config", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {out}: cannot be written (No space left on device; ") and error.count("\n") == 1
+    assert f"the latest complete checkpoint, {out / 'checkpoint-4'}, is intact" in error
+    assert not (tmp_path / ".p1.incomplete").exists()  # the half-written copy does not keep the disk full
+    assert not (out / "config.json").exists() and not (out / trainer.LOCK_FILE).exists()
+    monkeypatch.undo()
+    assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
+    assert (out / "config.json").is_file()
