@@ -95,6 +95,7 @@ from trainer import (
     complete_checkpoints,
     finished,
     output_lock,
+    rotate_checkpoints,
     saved_batch_shape,
     train_with_progress,
     writing,
@@ -400,6 +401,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     if resume_dir is not None and finished(resume_dir, config["training_args"]["max_steps"]):
         # Trainer would take one more step past max_steps; the run was killed while writing its final model.
         logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)
+        if trainer.args.should_save:  # a kill between that checkpoint's marker and the rotation kept one too many
+            rotate_checkpoints(output_dir, config["training_args"]["save_total_limit"])
     else:
         train_with_progress(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:

@@ -138,11 +138,19 @@ class PhiClipTrainer(Trainer):
                 marker.write(json.dumps({"step": self.state.global_step, **shape}) + "\n")
                 marker.flush()
                 os.fsync(marker.fileno())
-        complete = complete_checkpoints(root)
-        stale = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p not in complete]  # killed mid-save
-        old = complete[: -self.keep_checkpoints] if self.keep_checkpoints else []
-        for directory in stale + list(root.glob(f".{PREFIX_CHECKPOINT_DIR}-*")) + old:
-            shutil.rmtree(directory, ignore_errors=True)
+        rotate_checkpoints(root, self.keep_checkpoints)
+
+
+def rotate_checkpoints(root: Path, keep: int | None) -> None:
+    """Remove half-written checkpoints (killed mid-save) and all but the `keep` newest complete ones. Each loses its
+    COMPLETE_MARKER first: a removal cut short leaves a directory that no longer counts as a checkpoint."""
+    complete = complete_checkpoints(root)
+    stale = [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p not in complete]
+    old = complete[:-keep] if keep else []
+    for directory in stale + list(root.glob(f".{PREFIX_CHECKPOINT_DIR}-*")) + old:
+        with contextlib.suppress(OSError):  # e.g. a file that is no directory: rmtree leaves it alone as well
+            (directory / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 class EpochDraws(TrainerCallback):

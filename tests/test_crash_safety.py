@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,4 +164,46 @@ def test_a_final_model_that_cannot_be_written_stops_the_run_in_one_line(tmp_path
     assert not (out / "config.json").exists() and not (out / trainer.LOCK_FILE).exists()
     monkeypatch.undo()
     assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
+    assert (out / "config.json").is_file()
+
+
+class Killed(BaseException):
+    """A kill, in-process: nothing catches it on its way out."""
+
+
+def test_a_rotation_cut_short_leaves_no_half_deleted_checkpoint_that_counts_as_complete(
+    tmp_path, demo_dir, monkeypatch
+):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=6, save_steps=2, save_total_limit=2, eval_steps=None)
+    path, out = write(tmp_path / "one.yaml", config), tmp_path / "p1"
+    rmtree = trainer.shutil.rmtree
+
+    def killed_midway(directory, *args, **kwargs):  # rmtree's order is the directory's: the marker may come last
+        if Path(directory).name == "checkpoint-2":
+            (Path(directory) / "adapter.safetensors").unlink()
+            raise Killed
+        return rmtree(directory, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):  # rotating checkpoint-2 out after checkpoint-6 is complete
+        train.main(["--phase_one", "--config", str(path)])
+    monkeypatch.undo()
+    complete = train.complete_checkpoints(out)
+    assert [p.name for p in complete] == ["checkpoint-4", "checkpoint-6"]
+    assert all((p / "adapter.safetensors").is_file() for p in complete)
+
+
+def test_a_resume_that_only_writes_the_final_model_still_keeps_save_total_limit(tmp_path, demo_dir):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=6, save_steps=2, save_total_limit=2, eval_steps=None)
+    path, out = write(tmp_path / "one.yaml", config), tmp_path / "p1"
+    assert train.main(["--phase_one", "--config", str(path)]) == 0
+    # As a kill leaves it between checkpoint-6's marker and the rotation: checkpoint-2 not yet removed, no final model.
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-2")
+    for entry in out.iterdir():
+        if not entry.name.startswith("checkpoint-"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
+    assert [p.name for p in train.complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert (out / "config.json").is_file()
