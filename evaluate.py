@@ -302,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     def write(path: Path, values: Any, indent: int) -> None:  # whole or absent: a killed run leaves no half file
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(json.dumps(values, indent=indent) + "\n")
-        os.replace(partial, path)
+        staged[partial] = path
 
+    staged: dict[Path, Path] = {}
     if results["captions"]:
         write(files["captions"], results["captions"], 1)
         metrics["results_file"] = str(files["captions"])
@@ -311,6 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         write(files["answers"], results["answers"], 1)
         metrics["answers_file"] = str(files["answers"])
     write(files["metrics"], metrics, 2)  # in the checkpoint by default, where export.py's model card quotes it
+    # The earlier metrics go first and the new ones come last: a kill in between leaves new captions without
+    # figures, never beside an earlier evaluation's.
+    files["metrics"].unlink(missing_ok=True)
+    for partial, path in staged.items():
+        os.replace(partial, path)
     print(json.dumps(metrics, indent=2))
 
 

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+import yaml
+from conftest import ROOT, random_image
 from test_train import tiny_config, write
 
 import checkpoint
+import evaluate
 import train
 import trainer
 from config import ConfigError
@@ -207,3 +209,30 @@ def test_a_resume_that_only_writes_the_final_model_still_keeps_save_total_limit(
     assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
     assert [p.name for p in train.complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert (out / "config.json").is_file()
+
+
+def test_evaluate_killed_while_writing_leaves_no_earlier_figures_beside_new_captions(make_model, tmp_path, monkeypatch):
+    (tmp_path / "images").mkdir()
+    random_image(1).save(tmp_path / "images" / "1.png")
+    coco = {"images": [{"id": 1, "file_name": "1.png"}], "annotations": [{"id": 1, "image_id": 1, "caption": "a"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    source = {"format": "coco", "annotation_file": str(tmp_path / "captions.json")}
+    source["image_directory"] = str(tmp_path / "images")
+    config = {"checkpoint": {"output_dir": str(tmp_path / "unused")}, "data": {"val": source, "num_workers": 0}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    model = make_model().save_pretrained(tmp_path / "model")
+    arguments = ["--checkpoint", str(model), "--config", str(tmp_path / "eval.yaml")]
+    evaluate.main([*arguments, "--max_new_tokens", "1"])
+    assert (model / "metrics_val.json").is_file()
+    replace = evaluate.os.replace
+
+    def killed_before_the_metrics(source, target):
+        if Path(target).name == "metrics_val.json":
+            raise Killed
+        return replace(source, target)
+
+    monkeypatch.setattr(evaluate.os, "replace", killed_before_the_metrics)
+    with pytest.raises(Killed):
+        evaluate.main([*arguments, "--max_new_tokens", "3"])
+    assert (model / "captions_val.json").is_file()  # the new captions are in: the first run's figures must be gone
+    assert not (model / "metrics_val.json").exists()
