@@ -303,13 +303,12 @@ def make_step(model, batch: dict, config: dict | None = None):
     forward runs under accelerate's mixed precision (bf16 autocast: the fp32 adapter and LoRA weights run bf16
     matmuls), the loss check that syncs the host each step, gradient clipping, AdamW, the LR schedule.
     """
-    from train import _training_arguments  # bench is the only file that looks inside train.py
-    from trainer import PhiClipTrainer
+    from trainer import PhiClipTrainer, training_arguments
 
     if config is None:
         dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)  # the backbones'
         config = _default_config({torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32"))
-    args = _training_arguments(config, config["checkpoint"]["output_dir"], report_to="none", disable_tqdm=True)
+    args = training_arguments(config, config["checkpoint"]["output_dir"], report_to="none", disable_tqdm=True)
     trainer = PhiClipTrainer(model=model, args=args)
     trainer.create_optimizer_and_scheduler(num_training_steps=10**6)
     wrapped, optimizer = trainer.accelerator.prepare(model, trainer.optimizer)  # wraps forward in autocast, once

@@ -68,8 +68,6 @@ def _gigabytes(text: str) -> float:
 if __name__ == "__main__":
     command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
 
-import contextlib  # the heavy imports follow the early argument check above
-import importlib.util
 import logging
 import math
 import os
@@ -77,11 +75,10 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, set_seed
 
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
@@ -91,13 +88,16 @@ from trainer import (
     EpochDraws,
     PhiClipTrainer,
     ProgressReport,
+    Stopped,
     batch_shape,
     complete_checkpoints,
     finished,
     output_lock,
     rotate_checkpoints,
     saved_batch_shape,
+    sigterm_stops,
     train_with_progress,
+    training_arguments,
     writing,
 )
 
@@ -188,50 +188,6 @@ def _check_architecture(model_section: dict, checkpoint: Path) -> None:
             )
 
 
-def _training_arguments(config: dict, output_dir: str, **changes) -> TrainingArguments:
-    args, data = config["training_args"], config["data"]
-    report_to = args["report_to"]
-    if report_to == "auto":
-        report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
-    evaluate = bool(data["val"] and args["eval_steps"])
-    same = (
-        "num_train_epochs",
-        "max_steps",
-        "learning_rate",
-        "warmup_steps",
-        "weight_decay",
-        "max_grad_norm",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "save_steps",
-    )
-    values = {key: args[key] for key in same} | dict(
-        output_dir=output_dir,
-        per_device_train_batch_size=args["batch_size"],
-        per_device_eval_batch_size=args["eval_batch_size"] or args["batch_size"],
-        lr_scheduler_type=args["lr_scheduler"],
-        optim=args["optim"],
-        logging_first_step=True,
-        save_strategy="steps",
-        save_total_limit=None,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=args["eval_steps"] if evaluate else None,
-        prediction_loss_only=True,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        dataloader_num_workers=data["num_workers"],
-        bf16=config["dtype"] == "bfloat16",
-        fp16=config["dtype"] == "float16",
-        use_cpu=not torch.cuda.is_available(),
-        seed=config["seed"],
-        data_seed=config["seed"],
-        report_to=report_to,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=not sys.stderr.isatty(),  # progress bars only on a terminal: captured logs stay lines
-    )
-    return TrainingArguments(**(values | changes))
-
-
 def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict) -> None:
     """Train the LM alone on text: the training samples with each image described in words instead of shown.
 
@@ -267,7 +223,7 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
     logger.info("text warm-up: %d steps on %d samples, each image described in words", settings["steps"], len(samples))
     model.requires_grad_(False)
     model.text_model.requires_grad_(True)
-    args = _training_arguments(
+    args = training_arguments(
         config,
         config["checkpoint"]["output_dir"],
         max_steps=settings["steps"],
@@ -334,7 +290,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
-        args = _training_arguments(config, str(output_dir))
+        args = training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
         _check_resume_point(resume_dir, complete, now)
     model_files = [name for name in ("config.json", ADAPTER_FILE) if (output_dir / name).is_file()]
@@ -382,7 +338,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     )
     trainer = PhiClipTrainer(
         model=model,
-        args=_training_arguments(config, str(output_dir)),
+        args=training_arguments(config, str(output_dir)),
         train_dataset=train_set,
         eval_dataset=val_set,
         data_collator=Collator(model.processor),
@@ -470,31 +426,6 @@ def _remove_demo_output(directory: Path) -> None:
     shutil.rmtree(directory)
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM (what a cluster scheduler sends before it kills) raised as Ctrl-C raises KeyboardInterrupt."""
-
-
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """SIGTERM raises Stopped in this process, so the lock is released (the run is resumed, maybe on another
-    host) and the last words are one line. Forked DataLoader workers ignore it: the stopping main process ends
-    them (a worker dying first would be the main process's error, a traceback)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield  # a launcher or the caller has its own handler
-        return
-    main_pid = os.getpid()
-
-    def stop(signum, frame):
-        if os.getpid() == main_pid:
-            raise Stopped
-
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit status."""
     parser = command_line()
@@ -517,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--dry_run plans the configured run from its start; drop --resume")
     config = None
     try:
-        with _sigterm_stops():
+        with sigterm_stops():
             if args.demo:
                 run_demo(overrides)
             elif not args.config:

@@ -1,4 +1,5 @@
-"""The Trainer as train.py runs it: our checkpoint layout, the output directory's lock, and labelled progress.
+"""The Trainer as train.py runs it: its TrainingArguments, our checkpoint layout, the output directory's lock,
+labelled progress, and SIGTERM stopping a run as Ctrl-C does.
 
 A checkpoint directory holds adapter + LoRA (not the frozen backbones Trainer would write) and counts only once its
 COMPLETE_MARKER is in: rotation keeps the newest complete ones and removes half-written ones. One run at a time
@@ -9,12 +10,16 @@ below them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +30,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
@@ -360,3 +365,73 @@ def _alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def training_arguments(config: dict, output_dir: str, **changes) -> TrainingArguments:
+    """TrainingArguments for a loaded train.py config (`changes` override single fields)."""
+    args, data = config["training_args"], config["data"]
+    report_to = args["report_to"]
+    if report_to == "auto":
+        report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else "none"
+    evaluate = bool(data["val"] and args["eval_steps"])
+    same = (
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_steps",
+    )
+    values = {key: args[key] for key in same} | dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=args["batch_size"],
+        per_device_eval_batch_size=args["eval_batch_size"] or args["batch_size"],
+        lr_scheduler_type=args["lr_scheduler"],
+        optim=args["optim"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_total_limit=None,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=args["eval_steps"] if evaluate else None,
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=data["num_workers"],
+        bf16=config["dtype"] == "bfloat16",
+        fp16=config["dtype"] == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=config["seed"],
+        data_seed=config["seed"],
+        report_to=report_to,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars only on a terminal: captured logs stay lines
+    )
+    return TrainingArguments(**(values | changes))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends before it kills) raised as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises Stopped in this process, so the lock is released (the run is resumed, maybe on another
+    host) and the last words are one line. Forked DataLoader workers ignore it: the stopping main process ends
+    them (a worker dying first would be the main process's error, a traceback)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # a launcher or the caller has its own handler
+        return
+    main_pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() == main_pid:
+            raise Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
