@@ -140,18 +140,23 @@ def validation_loss(
 
 
 def caption_split(dataset: ConversationDataset, limit: int | None = None) -> tuple[list, dict, dict]:
-    """One (id, prompt, image) per distinct captioned image (the first `limit`), and every reference per id."""
+    """One (key, prompt, image) per distinct captioned image (the first `limit`), and every reference per key.
+
+    A key is (source file, image id): two files of a split may use the same ids for different images (COCO and a
+    COCO-format Flickr30k both start at 1), whose captions must not become one image's references.
+    """
     references: dict[Any, list[str]] = defaultdict(list)
     queries: dict[Any, tuple[str, list]] = {}
     for index, record in enumerate(dataset.records):
         if record.conversation:
             continue
-        sample = dataset.sample(index, epoch=0)
-        references[record.id].extend(record.captions)
-        if record.id not in queries:
-            queries[record.id] = (sample["conversation"][0]["content"], sample["images"])
-    ids = list(queries)[:limit]
-    return ids, {k: queries[k] for k in ids}, {k: references[k] for k in ids}
+        key = (dataset.source_of(index), record.id)
+        references[key].extend(record.captions)
+        if key not in queries:
+            sample = dataset.sample(index, epoch=0)
+            queries[key] = (sample["conversation"][0]["content"], sample["images"])
+    keys = list(queries)[:limit]
+    return keys, {k: queries[k] for k in keys}, {k: references[k] for k in keys}
 
 
 def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> list[dict]:
@@ -261,7 +266,13 @@ def evaluate(
         metrics["images"] = len(predictions)
         if len(predictions) < len(ids):
             metrics["bad_images"] = len(ids) - len(predictions)
-        results["captions"] = [{"image_id": k, "caption": predictions[k]} for k in ids if k in predictions]
+        # COCO results format; with several caption files the file too, as their image ids may repeat
+        several = len({file for file, _ in ids}) > 1
+        results["captions"] = [
+            {"image_id": k[1], "caption": predictions[k]} | ({"annotation_file": k[0]} if several else {})
+            for k in ids
+            if k in predictions
+        ]
     if talks:
         turns = answered_turns(dataset, limit)
         scores, results["answers"] = answer_accuracy(model, turns, batch_size, max_new_tokens, dataset.on_bad_image)

@@ -43,12 +43,39 @@ def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_mode
     )
     ids, _, references = caption_split(dataset)
     per_image = Counter(record.id for record in dataset.records)
-    assert ids and all(len(references[k]) == per_image[k] >= 5 for k in ids)
+    assert ids and all(len(references[k]) == per_image[k[1]] >= 5 for k in ids)
     model = make_model()
     dataset.attach(model.processor)
     few = dataset.subset(list(range(6)))
     by_two, by_six = validation_loss(model, few, batch_size=2), validation_loss(model, few, batch_size=6)
     assert by_two["val_loss"] == pytest.approx(by_six["val_loss"], rel=1e-5)  # a token mean, whatever the batching
+
+
+def test_the_same_image_id_in_two_caption_files_is_two_images(make_model, tmp_path):
+    sources = []
+    for name, caption in (("coco", "a red circle"), ("flickr", "a blue square")):
+        (tmp_path / name).mkdir()
+        random_image(len(sources)).save(tmp_path / name / "1.png")
+        coco = {
+            "images": [{"id": 1, "file_name": "1.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": caption}],
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(coco))
+        sources.append(
+            {
+                "format": "coco",
+                "annotation_file": str(tmp_path / f"{name}.json"),
+                "image_directory": str(tmp_path / name),
+            }
+        )
+    dataset = make_dataset(sources)
+    ids, _, references = caption_split(dataset)
+    assert sorted(references.values()) == [["a blue square"], ["a red circle"]]  # not one image with both
+    metrics, results = evaluate(make_model(), dataset, batch_size=2, max_new_tokens=2)
+    assert metrics["images"] == 2
+    assert [(r["image_id"], r["annotation_file"]) for r in results["captions"]] == [
+        (1, s["annotation_file"]) for s in sources
+    ]
 
 
 def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):
