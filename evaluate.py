@@ -249,11 +249,17 @@ def evaluate(
     """Loss and perplexity over the split; greedy-caption scores over its captioned images and answer accuracy
     over its conversations (the first `limit` of each). Returns (metrics, {"captions": COCO-format results,
     "answers": each answered turn's reply and reference})."""
-    captioned = [i for i, record in enumerate(dataset.records) if not record.conversation]
-    talks = [i for i, record in enumerate(dataset.records) if record.conversation]
-    metrics = validation_loss(model, dataset.subset(captioned[:limit] + talks[:limit]), batch_size, num_workers)
-    results: dict[str, list[dict]] = {"captions": [], "answers": []}
     ids, queries, references = caption_split(dataset, limit)
+    # The loss covers the same images: every record of each (one per caption under captions_per_image: all)
+    chosen = set(ids)
+    captioned = [
+        i
+        for i, record in enumerate(dataset.records)
+        if not record.conversation and (dataset.source_of(i), record.id) in chosen
+    ]
+    talks = [i for i, record in enumerate(dataset.records) if record.conversation]
+    metrics = validation_loss(model, dataset.subset(captioned + talks[:limit]), batch_size, num_workers)
+    results: dict[str, list[dict]] = {"captions": [], "answers": []}
     if ids:
         predictions = {}
         for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):

@@ -78,6 +78,26 @@ def test_the_same_image_id_in_two_caption_files_is_two_images(make_model, tmp_pa
     ]
 
 
+def test_limit_takes_the_loss_over_every_caption_of_the_first_images(make_model, tmp_path):
+    (tmp_path / "images").mkdir()
+    for image_id in (1, 2):
+        random_image(image_id).save(tmp_path / "images" / f"{image_id}.png")
+    captions = [(1, "a red circle"), (1, "a circle in red"), (1, "one red circle"), (2, "a blue square")]
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in (1, 2)],
+        "annotations": [{"id": n, "image_id": i, "caption": c} for n, (i, c) in enumerate(captions)],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    source = {"annotation_file": str(tmp_path / "captions.json"), "image_directory": str(tmp_path / "images")}
+    dataset = make_dataset({"format": "coco", **source, "captions_per_image": "all"})  # a record per caption
+    model = make_model()
+    dataset.attach(model.processor)
+    metrics, _ = evaluate(model, dataset, limit=1, batch_size=4, max_new_tokens=2)
+    first_image = validation_loss(model, dataset.subset([0, 1, 2]), batch_size=4)  # its three captions
+    assert metrics["images"] == 1 and metrics["val_tokens"] == first_image["val_tokens"]
+    assert metrics["val_loss"] == pytest.approx(first_image["val_loss"], rel=1e-6)
+
+
 def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):
     make_demo(tmp_path / "demo", n=360, seed=1, conversations=210)
     images = str(tmp_path / "demo" / "images")
