@@ -75,6 +75,7 @@ import math
 import os
 import re
 import string
+import unicodedata
 from collections import defaultdict
 from typing import Any
 
@@ -93,8 +94,11 @@ _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def normalize_caption(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace: the form exact match and the n-gram scores compare."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+    """The form exact match and answer accuracy compare: Unicode NFKC (full-width letters, composed accents),
+    case-folded, every ASCII punctuation mark or symbol and every Unicode punctuation mark (’ “ ” — …) a space,
+    whitespace collapsed. Articles and number words stay as they are."""
+    text = _PUNCTUATION.sub(" ", unicodedata.normalize("NFKC", text).casefold())
+    return " ".join("".join(" " if unicodedata.category(c)[0] == "P" else c for c in text).split())
 
 
 def caption_scores(predictions: dict[Any, str], references: dict[Any, list[str]]) -> dict[str, float]:

@@ -20,6 +20,11 @@ from shapes import make_demo
 
 def test_normalize_caption():
     assert normalize_caption("  A Man, riding a HORSE. ") == "a man riding a horse"
+    # a model's curly apostrophe or ellipsis, a full-width letter, a decomposed accent: the same answer
+    assert normalize_caption("It\u2019s \u201cred\u201d\u2026") == normalize_caption('it\'s "red"...') == "it s red"
+    assert normalize_caption("\uff32ed caf\u0065\u0301 \u2014 STRASSE") == normalize_caption(
+        "red caf\u00e9 Stra\u00dfe"
+    )
 
 
 def test_caption_scores_perfect_partial_and_wrong():
