@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter
 
 import pytest
@@ -13,7 +14,15 @@ from conftest import SHARED_DATA, random_image, require_shared
 
 import generate as generate_cli
 from dataset import make_dataset
-from evaluate import caption_scores, caption_split, evaluate, normalize_caption, validation_loss
+from evaluate import (
+    PTBUnavailable,
+    caption_scores,
+    caption_split,
+    evaluate,
+    normalize_caption,
+    ptb_tokenize,
+    validation_loss,
+)
 from model import IMAGE_TOKEN, PhiClipMLLM, generate
 from shapes import make_demo
 
@@ -35,6 +44,46 @@ def test_caption_scores_perfect_partial_and_wrong():
     assert half["exact_match"] == 0.5 and half["bleu4"] < perfect["bleu4"] and half["cider"] < perfect["cider"]
     shuffled = caption_scores({1: "horse a on person a", 2: "snow the in play dogs two"}, refs)
     assert shuffled["exact_match"] == 0 and shuffled["bleu4"] < 0.01  # every word right, no 4-gram: BLEU-4, not -1
+
+
+def test_ptb_tokenize_is_the_coco_evaluation_s_and_keeps_one_line_per_caption():
+    if shutil.which("java") is None:
+        pytest.skip("no java: the PTB tokenizer cannot run")
+    captions = [
+        "A man's T-shirt (red).",
+        "Don't stop!",
+        "",
+        "...",
+        "caf\u00e9 \u201cx\u201d",
+        "a dog\rruns",
+        "x\u2028y",
+    ]
+    # What pycocoevalcap's PTBTokenizer wrapper gives for the first five; it shifted every caption after a \r or
+    # U+2028 onto the next image's line
+    assert ptb_tokenize(captions) == [
+        "a man 's t-shirt -lrb- red -rrb-",
+        "do n't stop",
+        "",
+        "",
+        "caf\u00e9 x",
+        "a dog runs",
+        "x y",
+    ]
+
+
+def test_caption_scores_name_their_tokenizer_and_fall_back_without_java(tmp_path, monkeypatch, caplog):
+    predictions, references = {1: "a red t-shirt"}, {1: ["A red T-shirt.", "a shirt"]}
+    simple = caption_scores(predictions, references, "simple")
+    assert simple["caption_tokenizer"] == "simple" and simple["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert simple["bleu1"] >= simple["bleu2"] >= simple["bleu3"] >= simple["bleu4"]
+    if shutil.which("java") is not None:
+        ptb = caption_scores(predictions, references, "ptb")  # "a red t-shirt": three tokens, no 4-gram
+        assert ptb["caption_tokenizer"] == "ptb" and ptb["bleu4"] < 0.1 and ptb["bleu3"] == pytest.approx(1.0)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java
+    assert caption_scores(predictions, references, "auto") == simple
+    assert "tokenised by normalize_caption, not PTB (cannot run java" in caplog.text
+    with pytest.raises(PTBUnavailable, match="cannot run java"):
+        caption_scores(predictions, references, "ptb")
 
 
 def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_model):
