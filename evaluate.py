@@ -371,6 +371,36 @@ def result_files(checkpoint: Path, split: str, output: str | None) -> dict[str, 
     }
 
 
+def run_settings(args: argparse.Namespace, config: dict, model: PhiClipMLLM) -> dict[str, Any]:
+    """What produced the figures, for metrics_*.json: the checkpoint, the data and how it was read, the decoding,
+    where and with which versions it ran."""
+    from datetime import datetime, timezone
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    parameter = next(model.parameters())
+    return {
+        "checkpoint": str(checkpoint_directory(args.checkpoint).resolve()),
+        "config": str(Path(args.config).resolve()),
+        "split": args.split,
+        "data": config["data"][args.split],  # files, max_samples, captions_per_image
+        "seed": config["seed"],  # draws each caption sample's instruction (and, per image, its val_loss caption)
+        "limit": args.limit,
+        "decoding": "greedy",
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "device": str(parameter.device),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "versions": {p: installed(p) for p in ("torch", "transformers", "peft", "pycocoevalcap")},
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: print the metrics as JSON and write the generated captions."""
     args, config = read_arguments(argv)
@@ -395,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{args.config}: data.{args.split}: {last_line(error)}")
     except PTBUnavailable as error:  # --caption_tokenizer ptb without a working java
         fail(f"--caption_tokenizer ptb: {error}")
+    metrics["settings"] = run_settings(args, config, model)  # a dict: the model card quotes only the numbers
     files = result_files(checkpoint_directory(args.checkpoint), args.split, args.output)
 
     def write(path: Path, values: Any, indent: int) -> None:  # whole or absent: a killed run leaves no half file

@@ -249,6 +249,12 @@ def test_evaluate_output_puts_every_result_file_beside_it(make_model, tmp_path, 
     assert [entry["image_id"] for entry in json.loads((results / "p2.json").read_text())] == [1, 2]
     assert [answer["reference"] for answer in json.loads((results / "p2_answers.json").read_text())] == ["hello"]
     assert json.loads((results / "p2_metrics.json").read_text()) == metrics
+    settings = metrics["settings"]  # enough to run it again and to compare it with another run
+    assert (settings["checkpoint"], settings["split"], settings["limit"]) == (str(checkpoint.resolve()), "val", None)
+    assert (settings["decoding"], settings["max_new_tokens"]) == ("greedy", 2)
+    assert [source["annotation_file"] for source in settings["data"]] == [s["annotation_file"] for s in sources]
+    assert settings["versions"]["torch"] and settings["versions"]["pycocoevalcap"]
+    assert metrics["caption_tokenizer"] in {"ptb", "simple"}
     assert (metrics["results_file"], metrics["answers_file"]) == (
         str(results / "p2.json"),
         str(results / "p2_answers.json"),
