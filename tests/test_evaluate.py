@@ -13,7 +13,7 @@ import yaml
 from conftest import SHARED_DATA, random_image, require_shared
 
 import generate as generate_cli
-from dataset import make_dataset
+from dataset import SKIPPED, Collator, make_dataset
 from evaluate import (
     PTBUnavailable,
     caption_scores,
@@ -150,6 +150,35 @@ def test_limit_takes_the_loss_over_every_caption_of_the_first_images(make_model,
     first_image = validation_loss(model, dataset.subset([0, 1, 2]), batch_size=4)  # its three captions
     assert metrics["images"] == 1 and metrics["val_tokens"] == first_image["val_tokens"]
     assert metrics["val_loss"] == pytest.approx(first_image["val_loss"], rel=1e-6)
+
+
+def test_val_loss_is_the_cross_entropy_of_the_supervised_tokens_computed_by_hand(make_model, tmp_path):
+    (tmp_path / "images").mkdir()
+    captions = ["a red circle on the left", "two dogs", "a blue square on the right side of it", "a cat"]
+    for image_id in range(len(captions)):
+        random_image(image_id, size=40 + 8 * image_id).save(tmp_path / "images" / f"{image_id}.png")
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in range(len(captions))],
+        "annotations": [{"id": i, "image_id": i, "caption": c} for i, c in enumerate(captions)],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    source = {"annotation_file": str(tmp_path / "captions.json"), "image_directory": str(tmp_path / "images")}
+    model = make_model()
+    dataset = make_dataset({"format": "coco", **source}).attach(model.processor)
+    total, tokens, collate = 0.0, 0, Collator(model.processor)
+    with torch.no_grad():
+        for index in range(len(dataset)):  # one sample at a time, no padding, every position's logits
+            batch = {k: v for k, v in collate([dataset[index]]).items() if k not in SKIPPED}
+            labels = batch.pop("labels")[0]
+            log_probs = torch.log_softmax(model(**batch).logits[0].double(), dim=-1)
+            supervised = [t for t in range(1, len(labels)) if labels[t] != -100]
+            assert model.tokenizer.decode(labels[supervised]).startswith(captions[index])  # the caption, then <|end|>
+            total -= sum(float(log_probs[t - 1, labels[t]]) for t in supervised)
+            tokens += len(supervised)
+    metrics = validation_loss(model, dataset, batch_size=3)  # padded batches of 3 and 1
+    assert metrics["val_tokens"] == tokens
+    assert metrics["val_loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
 
 
 def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):
