@@ -163,6 +163,8 @@ def caption_scores(
     keys = sorted(predictions, key=str)
     if not keys:
         raise ValueError("no predictions to score")
+    if len({str(k) for k in keys}) < len(keys):  # pycocoevalcap keys by string: 7 and "7" would be one image
+        raise ValueError("prediction keys collide once written as strings (e.g. 7 and '7')")
     exact = sum(normalize_caption(predictions[k]) in {normalize_caption(r) for r in references[k]} for k in keys) / len(
         keys
     )
@@ -181,7 +183,8 @@ def caption_scores(
     for k, prediction in zip(keys, tokens):
         preds[str(k)], refs[str(k)] = [prediction], [next(rest) for _ in references[k]]
     bleu, _ = Bleu(4).compute_score(refs, preds, verbose=0)
-    cider, _ = Cider().compute_score(refs, preds)
+    # pycocoevalcap's CIDEr-D fails (max() of nothing) when no reference has a token ('.' only): no n-gram, 0
+    cider = Cider().compute_score(refs, preds)[0] if any(r for rs in refs.values() for r in rs) else 0.0
     return (
         {"exact_match": exact}
         | {f"bleu{n}": float(bleu[n - 1]) for n in (1, 2, 3, 4)}

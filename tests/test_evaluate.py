@@ -44,6 +44,11 @@ def test_caption_scores_perfect_partial_and_wrong():
     assert half["exact_match"] == 0.5 and half["bleu4"] < perfect["bleu4"] and half["cider"] < perfect["cider"]
     shuffled = caption_scores({1: "horse a on person a", 2: "snow the in play dogs two"}, refs)
     assert shuffled["exact_match"] == 0 and shuffled["bleu4"] < 0.01  # every word right, no 4-gram: BLEU-4, not -1
+    edge = caption_scores({1: "", 2: "?!", 3: "a dog"}, {1: ["a cat"], 2: ["a dog"], 3: ["a dog", "."]}, "simple")
+    assert edge["exact_match"] == pytest.approx(1 / 3) and 0 < edge["cider"] < perfect["cider"]
+    assert caption_scores({1: "a dog"}, {1: ["..."]}, "simple")["cider"] == 0.0  # no reference token at all
+    with pytest.raises(ValueError, match="collide"):
+        caption_scores({7: "a dog", "7": "a cat"}, {7: ["a dog"], "7": ["a cat"]}, "simple")
 
 
 def test_ptb_tokenize_is_the_coco_evaluation_s_and_keeps_one_line_per_caption():
