@@ -65,13 +65,20 @@ def check_lora_targets(backbone: nn.Module, settings: dict, where: str) -> list[
         raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
     linear = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
     short_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    if targets == "all-linear":  # peft resolves this itself, leaving out the output layer
-        output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-        return [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer]
+    narrowing = [key for key in ("exclude_modules", "layers_to_transform") if settings.get(key) is not None]
 
-    def matches(target: str | list[str]) -> list[str]:
-        config = LoraConfig(**{**settings, "target_modules": target})
+    def matches(target: str | list[str], narrowed: bool = True) -> list[str]:
+        values = {**settings, "target_modules": target}
+        if not narrowed:
+            values = {k: v for k, v in values.items() if k not in ("exclude_modules", "layers_to_transform")}
+        config = LoraConfig(**values)
         return [name for name in linear if check_target_module_exists(config, name)]
+
+    if targets == "all-linear":  # peft resolves this itself, leaving out the output layer; exclusions still apply
+        output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+        return matches(
+            [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer]
+        )
 
     if isinstance(targets, str):  # peft: a regex that must match a module's full name
         try:
@@ -85,6 +92,9 @@ def check_lora_targets(backbone: nn.Module, settings: dict, where: str) -> list[
             )
         return matched
     dead = [target for target in targets if not matches([target])]
+    excluded = [target for target in dead if narrowing and matches([target], narrowed=False)]
+    if excluded:
+        raise ValueError(f"{where}.target_modules: {excluded} match only layers left out by {' and '.join(narrowing)}")
     if dead:
         raise ValueError(
             f"{where}.target_modules: {dead} match no linear layer of {type(backbone).__name__}; "

@@ -625,6 +625,7 @@ def test_11_load_dir_names_a_checkpoint_or_a_file_inside_one_never_its_parent(tm
     "backbone, targets, count, extra",
     [
         ("text", "all-linear", 2 * 4, {}),
+        ("text", "all-linear", 2 * 4 - 1, {"exclude_modules": ["model.layers.0.self_attn.o_proj"]}),
         ("text", r".*\.self_attn\.(qkv|o)_proj", 2 * 2, {}),
         ("vision", r".*\.fc\d", 3 * 2, {}),
         # peft's other spellings: a dotted suffix, and a name list narrowed by exclude_modules / layers_to_transform
@@ -647,6 +648,15 @@ def test_12_lora_accepts_all_linear_and_regex_targets(make_model, caplog, backbo
         make_model().setup_lora(text_lora={"r": 2, "target_modules": r"nothing\..*"})
     with pytest.raises(ValueError, match=r"\['mlp.q_proj'\] match no linear layer"):  # a suffix must end a name
         make_model().setup_lora(vision_lora={"r": 2, "target_modules": ["self_attn.q_proj", "mlp.q_proj"]})
+
+
+def test_12_a_target_that_exclusions_empty_is_named_as_excluded(make_model):
+    # q_proj exists: "match no linear layer; available: [..., 'q_proj', ...]" would contradict itself
+    settings = {"r": 2, "target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*\.q_proj"}
+    with pytest.raises(
+        ValueError, match=r"^peft_vision.target_modules: \['q_proj'\] match only layers left out by exclude_modules$"
+    ):
+        make_model().setup_lora(vision_lora=settings)
 
 
 # ------------------------------------------------------------------------------------------- 13. evaluate split
