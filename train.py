@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                 if complete
                 else " before any checkpoint was complete: the same command starts the run again"
             )
-        print(message, file=sys.stderr)
+        if rank_zero:  # every process of a torchrun / accelerate launch run is stopped: one says so
+            print(message, file=sys.stderr)
         return 128 + signum
     return 0
 

@@ -121,6 +121,19 @@ def test_sigterm_and_ctrl_c_release_the_lock_and_say_where_to_resume(tmp_path, d
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_stopped_run_is_one_line_from_the_main_process_only(tmp_path, demo_dir, monkeypatch, capsys, rank):
+    # torchrun passes a scheduler's SIGTERM to every process: N copies of the same line said nothing more.
+    def stopped(*args, **kwargs):
+        raise trainer.Stopped
+
+    monkeypatch.setattr(train, "run_training", stopped)
+    monkeypatch.setenv("RANK", rank)
+    assert train.main(["--phase_one", "--config", str(_phase_one(demo_dir, tmp_path))]) == 128 + signal.SIGTERM
+    expected = "error: stopped by SIGTERM before any checkpoint was complete: the same command starts the run again\n"
+    assert capsys.readouterr().err == (expected if rank == "0" else "")
+
+
 def _phase_one(demo_dir: Path, tmp_path: Path) -> Path:
     config = tiny_config(demo_dir, tmp_path / "p1")
     config["training_args"].update(max_steps=4, save_steps=2, eval_steps=None)
