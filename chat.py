@@ -167,15 +167,18 @@ class Conversation:
         self.turns.append({"role": "assistant", "content": text})
 
 
-def full_context(model: PhiClipMLLM) -> PhiClipMLLM:
-    """Let a conversation grow to the language model's positions, not to training's model.max_length.
+def full_context(model: PhiClipMLLM, reply_tokens: int) -> PhiClipMLLM:
+    """Let a conversation grow to the language model's positions (less `reply_tokens` for the reply), not to
+    training's model.max_length.
 
     max_length caps training samples: the real recipe's 384 holds one 257-token image and ~120 tokens of text, so a
-    second image, or a question after a long reply, was refused although Phi-3 takes 4096 positions.
+    second image, or a question after a long reply, was refused although Phi-3 takes 4096 positions. The reply is
+    generated after the prompt, so the prompt leaves it room: a reply past the LM's positions would be garbled.
     """
     positions = getattr(model.text_model.config, "max_position_embeddings", None)
-    if positions and model.processor.max_length is not None and positions > model.processor.max_length:
-        model.processor.max_length = model.config.max_length = positions
+    room = positions - reply_tokens if positions else None
+    if room and model.processor.max_length is not None and room > model.processor.max_length:
+        model.processor.max_length = model.config.max_length = room
     return model
 
 
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             image = load_image(Path(args.image).expanduser())  # a file that is no image fails before the model loads
         except BadImageError as error:
             fail(str(error))
-    model = full_context(load_checkpoint_or_exit(args.checkpoint, device))
+    model = full_context(load_checkpoint_or_exit(args.checkpoint, device), args.max_new_tokens)
     if args.image:
         try:  # one the processor would refuse (too elongated to resize) is refused now, not at every message
             conversation.attach(load_image(image, model.processor.image_short_side))

@@ -18,6 +18,7 @@ from config import CommandLine, checkpoint_problem, fail
 
 DEMO_IMAGES = Path("data/demo/images")  # written by `python train.py --demo`
 TITLE = "PhiClipMLLM"
+MAX_NEW_TOKENS = 1024  # the reply-length slider's top
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -123,7 +124,7 @@ def build_demo(model: PhiClipMLLM, examples: list[str], max_new_tokens: int = 25
                 with gr.Accordion("Sampling", open=True):
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top_p")
-                    max_tokens = gr.Slider(1, 1024, value=max_new_tokens, step=1, label="max new tokens")
+                    max_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=max_new_tokens, step=1, label="max new tokens")
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", height=420)
                 question = gr.Textbox(placeholder="Ask about the image and press Enter", show_label=False)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = [str(Path(p).expanduser()) for p in args.example]
     if not examples and DEMO_IMAGES.is_dir():
         examples = [str(p) for p in sorted(DEMO_IMAGES.glob("*.png"))[:4]]
-    model = full_context(load_checkpoint_or_exit(args.checkpoint, device))
+    model = full_context(load_checkpoint_or_exit(args.checkpoint, device), MAX_NEW_TOKENS)  # the slider's top
     demo = build_demo(model, examples, args.max_new_tokens)
     demo.queue().launch(
         server_name=args.host,

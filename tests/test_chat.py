@@ -106,8 +106,8 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert "error: a user turn's text is not valid Unicode: surrogates not allowed after 'caf'" in result.stderr
     assert "error: /image needs an image file's path" in result.stderr
     # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost);
-    # the limit is the LM's 512 positions, not the 256 tokens of a training sample.
-    assert "max_length is 512: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
+    # the limit is the LM's 512 positions less the 8 of the reply, not the 256 tokens of a training sample.
+    assert "max_length is 504: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
         result.stderr
     )
 
