@@ -327,12 +327,19 @@ def output_lock(output_dir: Path) -> Iterator[None]:
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
                 holder = {}
-            # Our own pid is no other run's: a container restarted with the same hostname and pid (often 1).
-            gone = holder.get("pid") == me["pid"] or not _alive(holder.get("pid"))
-            if holder.get("host") == me["host"] and gone:
+            same_host = holder.get("host") == me["host"]
+            if same_host and holder.get("pid") != me["pid"] and not _alive(holder.get("pid")):
                 logger.warning("%s: taking over the lock of a run that is gone (pid %s)", lock, holder.get("pid"))
                 lock.unlink(missing_ok=True)
                 continue
+            if same_host and holder.get("pid") == me["pid"]:
+                # A restarted container repeats hostname and pid (often 1), but so do two containers sharing the
+                # host's network: refused, as only the user can tell a dead run from a live one here.
+                raise ConfigError(
+                    f"{lock} names this very process (pid {me['pid']} on {me['host']}, started "
+                    f"{holder.get('started')}): a restarted container? If no other run writes to {output_dir}, "
+                    f"delete {lock}"
+                ) from None
             raise ConfigError(
                 f"{output_dir} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, started "
                 f"{holder.get('started')}): wait for it, choose another checkpoint.output_dir, or delete {lock} if "

@@ -67,12 +67,14 @@ def _lock(directory: Path, **holder) -> None:
     (directory / trainer.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "started": "x", **holder}))
 
 
-def test_a_lock_naming_this_process_is_stale(tmp_path):
-    # A container restarted with the same hostname gives the new run the dead run's pid (often 1): no one else's.
+def test_a_lock_naming_this_process_is_refused_with_what_to_do(tmp_path):
+    # A restarted container repeats hostname and pid, but two containers on the host's network do too (one of them
+    # live): not taken over, but said plainly (the "in use by another run" line read as a contradiction there).
     _lock(tmp_path / "out", pid=os.getpid())
-    with trainer.output_lock(tmp_path / "out"):
-        assert json.loads((tmp_path / "out" / trainer.LOCK_FILE).read_text())["started"] != "x"
-    assert not (tmp_path / "out" / trainer.LOCK_FILE).exists()
+    refused = pytest.raises(ConfigError, match=r"train.lock names this very process .* a restarted container\? If no")
+    with refused, trainer.output_lock(tmp_path / "out"):
+        raise AssertionError("ran beside a run that may be live")
+    assert json.loads((tmp_path / "out" / trainer.LOCK_FILE).read_text())["started"] == "x"  # left as it was
 
 
 def test_a_lock_that_cannot_be_written_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
