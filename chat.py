@@ -229,8 +229,7 @@ def run_chat(
                 out.flush()
         except ValueError as error:  # e.g. the conversation no longer fits model.max_length
             conversation.undo_ask()
-            hint = " (/reset starts a new conversation)" if isinstance(error, TooLong) else ""
-            print(f"\nerror: {error}{hint}", file=notices)
+            print(f"\nerror: {error.in_a_conversation() if isinstance(error, TooLong) else error}", file=notices)
             continue
         out.write("\n")
         out.flush()

@@ -64,7 +64,7 @@ import gradio as gr
 from chat import Conversation, StreamedReply, full_context, sampling_options
 from generate import choose_device, load_checkpoint_or_exit
 from model import PhiClipMLLM
-from processor import BadImageError, load_image
+from processor import BadImageError, TooLong, load_image
 
 
 def image_key(image) -> str:
@@ -103,7 +103,9 @@ def build_demo(model: PhiClipMLLM, examples: list[str], max_new_tokens: int = 25
         except Exception as error:  # the question goes, or every later message would carry it and fail again
             conversation.undo_ask()
             del messages[-2:]
-            if isinstance(error, ValueError):  # e.g. the conversation no longer fits model.max_length
+            if isinstance(error, TooLong):
+                raise gr.Error(error.in_a_conversation()) from None
+            if isinstance(error, ValueError):
                 raise gr.Error(str(error)) from None
             raise
         conversation.answer(reply.text)

@@ -46,6 +46,17 @@ MAX_RESIZED_PIXELS = 25_000_000
 class TooLong(ValueError):
     """A sample longer than max_length where truncation would cut into an image or into the prompt."""
 
+    def __init__(self, message: str, length: int, limit: int) -> None:
+        super().__init__(message)
+        self.length, self.limit = length, limit  # for a caller's own words (chat.py: "/reset")
+
+    def in_a_conversation(self) -> str:
+        """The error as a chat says it: its limit is the model's, not a YAML max_length to raise."""
+        return (
+            f"the conversation is {self.length} tokens (images included), more than the {self.limit} this model "
+            "reads with room for the reply: /reset starts a new conversation"
+        )
+
 
 class UnusableSample(ValueError):
     """A training sample with nothing left to learn: truncation to max_length removed its whole answer."""
@@ -235,7 +246,9 @@ class PhiClipProcessor:
                 raise TooLong(
                     f"{where} is {len(ids)} tokens long ({n_placeholders * self.num_image_tokens} of them "
                     f"image tokens) but max_length is {self.max_length}: truncation would cut into the "
-                    f"{'image' if cuts_image else 'prompt'}; raise model.max_length or shorten it"
+                    f"{'image' if cuts_image else 'prompt'}; raise model.max_length or shorten it",
+                    len(ids),
+                    self.max_length,
                 )
             ids, supervised = ids[: self.max_length], supervised[: self.max_length]
         if spans and not supervised.any():

@@ -107,7 +107,7 @@ def test_chat_through_stdin_answers_as_generate_on_the_same_history(make_model, 
     assert "error: /image needs an image file's path" in result.stderr
     # Never generated from a truncated history (it was cut at max_length, the new message and the reply prompt lost);
     # the limit is the LM's 512 positions less the 8 of the reply, not the 256 tokens of a training sample.
-    assert "max_length is 504: truncation would cut into the prompt; raise model.max_length or shorten it (/reset" in (
+    assert "tokens (images included), more than the 504 this model reads with room for the reply: /reset" in (
         result.stderr
     )
 
