@@ -290,6 +290,7 @@ gathered = [torch.zeros_like(vector) for _ in range(2)]
 dist.all_gather(gathered, vector)
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 print(f"rank {{rank}} ok {{float(vector.abs().sum())}}", flush=True)  # one write: the ranks share stdout
+dist.barrier()  # neither rank tears gloo down while the other still talks to it (a SIGABRT at exit, once, under load)
 dist.destroy_process_group()
 """
 
