@@ -290,8 +290,11 @@ gathered = [torch.zeros_like(vector) for _ in range(2)]
 dist.all_gather(gathered, vector)
 assert torch.equal(gathered[0], gathered[1]), "ranks diverged"
 print(f"rank {{rank}} ok {{float(vector.abs().sum())}}", flush=True)  # one write: the ranks share stdout
-dist.barrier()  # neither rank tears gloo down while the other still talks to it (a SIGABRT at exit, once, under load)
+dist.barrier()
 dist.destroy_process_group()
+# Twice in CI (never alone) a rank aborted in C++ teardown at exit ("terminate called without an active exception");
+# what this test checks is done and said above, so the process leaves without running the interpreter's teardown.
+os._exit(0)
 """
 
 
@@ -309,7 +312,7 @@ def test_03_ddp_trains_when_one_rank_has_no_image(tmp_path, tiny_tokenizer_dir):
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     result = subprocess.run(command, cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, f"stdout: {result.stdout[-500:]}\nstderr: {result.stderr[-3000:]}"
     assert result.stdout.count(" ok ") == 2
 
 
