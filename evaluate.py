@@ -165,9 +165,8 @@ def caption_scores(
         raise ValueError("no predictions to score")
     if len({str(k) for k in keys}) < len(keys):  # pycocoevalcap keys by string: 7 and "7" would be one image
         raise ValueError("prediction keys collide once written as strings (e.g. 7 and '7')")
-    exact = sum(normalize_caption(predictions[k]) in {normalize_caption(r) for r in references[k]} for k in keys) / len(
-        keys
-    )
+    hits = [normalize_caption(predictions[k]) in {normalize_caption(r) for r in references[k]} for k in keys]
+    exact = sum(hits) / len(keys)
     texts = [predictions[k] for k in keys] + [r for k in keys for r in references[k]]
     used = "simple"
     if tokenizer != "simple":

@@ -50,6 +50,9 @@ def lora_shape(settings: dict | None) -> dict:
     return shape
 
 
+NARROWING_KEYS = ("exclude_modules", "layers_to_transform")  # peft settings that leave matched layers out
+
+
 def check_lora_targets(backbone: nn.Module, settings: dict, where: str) -> list[str]:
     """The names of the layers a LoRA setting adapts; ValueError naming any `target_modules` entry that matches none.
 
@@ -63,22 +66,20 @@ def check_lora_targets(backbone: nn.Module, settings: dict, where: str) -> list[
     targets = settings.get("target_modules")
     if not targets:
         raise ValueError(f"{where}.target_modules: give the module names to adapt, e.g. ['q_proj', 'v_proj']")
-    linear = [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear)]
+    linear = {name: m for name, m in backbone.named_modules() if isinstance(m, nn.Linear)}
     short_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    narrowing = [key for key in ("exclude_modules", "layers_to_transform") if settings.get(key) is not None]
+    narrowing = [key for key in NARROWING_KEYS if settings.get(key) is not None]
 
     def matches(target: str | list[str], narrowed: bool = True) -> list[str]:
         values = {**settings, "target_modules": target}
         if not narrowed:
-            values = {k: v for k, v in values.items() if k not in ("exclude_modules", "layers_to_transform")}
+            values = {k: v for k, v in values.items() if k not in NARROWING_KEYS}
         config = LoraConfig(**values)
         return [name for name in linear if check_target_module_exists(config, name)]
 
     if targets == "all-linear":  # peft resolves this itself, leaving out the output layer; exclusions still apply
         output_layer = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
-        return matches(
-            [name for name, m in backbone.named_modules() if isinstance(m, nn.Linear) and m is not output_layer]
-        )
+        return matches([name for name, m in linear.items() if m is not output_layer])
 
     if isinstance(targets, str):  # peft: a regex that must match a module's full name
         try:
