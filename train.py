@@ -85,6 +85,7 @@ from dataset import BadImageError, BadRecordError, Collator, ConversationDataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from trainer import (
     COMPLETE_MARKER,
+    RUN_RECORD,
     EpochDraws,
     PhiClipTrainer,
     ProgressReport,
@@ -94,6 +95,7 @@ from trainer import (
     finished,
     output_lock,
     rotate_checkpoints,
+    run_record,
     saved_batch_shape,
     sigterm_stops,
     train_with_progress,
@@ -343,6 +345,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         eval_dataset=val_set,
         data_collator=Collator(model.processor),
         keep_checkpoints=config["training_args"]["save_total_limit"],
+        run_record=run_record(config, phase, resume_dir),
     )
     processes, per_process = trainer.args.world_size, trainer.args.train_batch_size
     repeated = -len(train_set) % (processes * per_process)
@@ -364,6 +367,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     if trainer.args.should_save:
         with writing(output_dir, output_dir):
             model.save_pretrained(output_dir)
+            (output_dir / RUN_RECORD).write_text(trainer.run_record, encoding="utf-8")
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
     return model.eval()  # ready to use: LoRA dropout off, as from_pretrained returns a model

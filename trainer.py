@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -45,14 +46,20 @@ from processor import IMAGE_TOKEN
 logger = logging.getLogger("train")
 
 LOCK_FILE = "train.lock"  # a live run's pid and host
+RUN_RECORD = "train_config.yaml"  # the config a model or checkpoint was trained with, and with which versions
 
 
 class PhiClipTrainer(Trainer):
     """Trainer that saves our checkpoint layout, marks complete checkpoints and counts skipped samples."""
 
-    def __init__(self, *args, keep_checkpoints: int | None = None, **kwargs):
+    def __init__(self, *args, keep_checkpoints: int | None = None, run_record: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.keep_checkpoints, self.skipped = keep_checkpoints, dict.fromkeys(SKIPPED, 0)
+        self.run_record = run_record  # written into each checkpoint beside the weights
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback:
+                self.callback_handler.remove_callback(callback)
+                self.callback_handler.add_callback(ResumableTensorBoard())
 
     def compute_loss(
         self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
@@ -96,7 +103,10 @@ class PhiClipTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Trainer would write the full state dict (frozen backbones included); ours stores adapter + LoRA.
         if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(Path(output_dir or self.args.output_dir))
+            directory = Path(output_dir or self.args.output_dir)
+            self.accelerator.unwrap_model(self.model).save_pretrained(directory)
+            if self.run_record is not None:
+                (directory / RUN_RECORD).write_text(self.run_record, encoding="utf-8")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         pass  # build_model already restored the weights with PhiClipMLLM.from_pretrained
@@ -156,6 +166,50 @@ def rotate_checkpoints(root: Path, keep: int | None) -> None:
         with contextlib.suppress(OSError):  # e.g. a file that is no directory: rmtree leaves it alone as well
             (directory / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_record(config: dict, phase: str, resumed_from: str | os.PathLike | None = None) -> str:
+    """The config as this run read it (defaults filled in, --set applied) as YAML that train.py reads back, headed
+    by what else a rerun needs: the phase, the working directory relative paths start from, the library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    # phase_one / phase_two are the original's spelling of data.train, which holds them now (both: an error)
+    values = {k: v for k, v in config.items() if k not in ("path", "phase_one", "phase_two")}
+    packages = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pillow")
+    lines = [
+        f"# The config of a phase-{phase} run of train.py, read from {config['path']} with defaults filled in.",
+        f"# Rerun: python train.py{' --phase_one' if phase == 'one' else ''} --config <this file> "
+        "--set checkpoint.output_dir=<a new directory>",
+        f"# Relative paths start from {os.getcwd()}.",
+        *([f"# Resumed from {resumed_from}."] if resumed_from else []),
+        f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {installed(p)}" for p in packages),
+    ]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+class ResumableTensorBoard(TensorBoardCallback):
+    """transformers' TensorBoard callback writing to <output_dir>/runs, one TensorBoard run per output directory.
+
+    transformers names a directory per start by its time and host, so each resume was a new run whose first steps
+    repeated the stopped run's last ones. Here the writer's purge_step is the first step the run logs: TensorBoard
+    hides what a stopped run logged past the checkpoint it was resumed from, and the curve goes on from there.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.logging_dir is None:  # TENSORBOARD_LOGGING_DIR still wins, as in transformers
+            self.logging_dir = os.path.join(args.output_dir, "runs")
+        # A fresh start hides all of a run killed before its first checkpoint (its step-0 text too).
+        self.purge_step = state.global_step + 1 if state.global_step else 0
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args):
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=getattr(self, "purge_step", None))
 
 
 class EpochDraws(TrainerCallback):

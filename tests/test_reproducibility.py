@@ -1,0 +1,73 @@
+"""Same config and seed, same run: from the record in an output directory, and across a resume (its data order,
+its loss curve in trainer_state.json and in TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from safetensors.torch import load_file
+from test_train import tiny_config, write
+from transformers import TrainerCallback
+
+import train
+import trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_output_directory_alone_reruns_the_same_run(tmp_path, demo_dir):
+    config = tiny_config(demo_dir, tmp_path / "first")
+    config["phase_one"] = {k: config["data"]["train"][k] for k in ("annotation_file", "image_directory")}
+    config["data"]["train"] = None  # the original's spelling of the training data: the record must still load
+    config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
+    lr = ["--set", "training_args.learning_rate=1e-2"]  # the record holds what --set changed, not the file's value
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config)), *lr]) == 0
+    record = tmp_path / "first" / trainer.RUN_RECORD
+    assert record.read_text() == (tmp_path / "first" / "checkpoint-2" / trainer.RUN_RECORD).read_text()
+    assert f"transformers {transformers.__version__}" in record.read_text()
+    rerun = ["--phase_one", "--config", str(record), "--set", f"checkpoint.output_dir={tmp_path / 'again'}"]
+    assert train.main(rerun) == 0
+    first, again = (load_file(tmp_path / name / "adapter.safetensors") for name in ("first", "again"))
+    assert first.keys() == again.keys() and all(first[k].equal(again[k]) for k in first)
+    other_seed = ["--phase_one", "--config", str(record), "--set", f"checkpoint.output_dir={tmp_path / 'seed4'}"]
+    assert train.main([*other_seed, "--set", "seed=4"]) == 0
+    seed4 = load_file(tmp_path / "seed4" / "adapter.safetensors")
+    assert not any(first[k].equal(seed4[k]) for k in first)  # the seed initialises the adapter
+
+
+class Stop(TrainerCallback):
+    """Stops the run after step 3 is logged, one step past its checkpoint, as a kill would."""
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_continues_the_data_order_and_one_loss_curve(tmp_path, demo_dir):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    runs = {}
+    for name, workers in (("whole", 0), ("cut", 0)):
+        config = tiny_config(demo_dir, tmp_path / name, data={"num_workers": workers})
+        config["data"]["train"]["max_samples"] = 16  # two steps an epoch: the resume starts the second epoch
+        config["training_args"].update(max_steps=4, save_steps=2, eval_steps=2, report_to="tensorboard")
+        runs[name] = train.load_config(write(tmp_path / f"{name}.yaml", config), phase="one")
+    train.run_training(runs["whole"], "one")
+    with pytest.raises(KeyboardInterrupt):
+        train.run_training(runs["cut"], "one", callbacks=[Stop()])
+    runs["cut"]["data"]["num_workers"] = 2  # the workers draw nothing of their own: the same samples
+    train.run_training(runs["cut"], "one", resume=True)
+
+    def losses(name: str) -> list[tuple[int, float]]:
+        state = json.loads((tmp_path / name / "checkpoint-4" / "trainer_state.json").read_text())
+        return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
+
+    assert losses("cut") == losses("whole") and [step for step, _ in losses("cut")] == [1, 2, 3, 4]
+    assert "Resumed from" in (tmp_path / "cut" / trainer.RUN_RECORD).read_text()
+    board = tmp_path / "cut" / "runs"
+    assert all(path.is_file() for path in board.iterdir())  # one TensorBoard run per output directory
+    events = event_accumulator.EventAccumulator(str(board))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == pytest.approx(losses("whole"))
+    assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
