@@ -1,5 +1,5 @@
 """Same config and seed, same run: from the record in an output directory, and across a resume (its data order,
-its loss curve in trainer_state.json and in TensorBoard)."""
+its loss curve in trainer_state.json and in TensorBoard); a long run's saves that depend on nothing outside."""
 
 from __future__ import annotations
 
@@ -71,3 +71,20 @@ def test_a_resumed_run_continues_the_data_order_and_one_loss_curve(tmp_path, dem
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == pytest.approx(losses("whole"))
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
+
+
+def test_saving_lora_asks_no_hub_for_the_base_models_config(make_model, tmp_path, monkeypatch):
+    import peft.utils.save_and_load
+
+    def no_network(repo_id: str, filename: str, **kwargs):
+        raise AssertionError(f"a Hub lookup of {repo_id}/{filename} at each checkpoint")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_network)
+    model = make_model().setup_lora({"r": 2, "target_modules": ["qkv_proj"]}, {"r": 2, "target_modules": ["q_proj"]})
+    for backbone in (
+        model.text_model,
+        model.vision_model,
+    ):  # as loaded by hub name, e.g. microsoft/Phi-3-mini-4k-instruct
+        backbone.peft_config["default"].base_model_name_or_path = "example/a-hub-model"
+    model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "lora_text" / "adapter_model.safetensors").is_file()
