@@ -7,6 +7,7 @@ import json
 
 import pytest
 import transformers
+from conftest import ROOT
 from safetensors.torch import load_file
 from test_train import tiny_config, write
 from transformers import TrainerCallback
@@ -88,3 +89,13 @@ def test_saving_lora_asks_no_hub_for_the_base_models_config(make_model, tmp_path
         backbone.peft_config["default"].base_model_name_or_path = "example/a-hub-model"
     model.save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "lora_text" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "training_configs").glob("*.yaml")))
+def test_every_shipped_configs_record_reads_back_as_the_same_config(tmp_path, name):
+    phase = "two" if "_p2" in name else "one"
+    config = train.load_config(ROOT / "training_configs" / name, phase=phase, check_paths=False)
+    (tmp_path / "record.yaml").write_text(trainer.run_record(config, phase))
+    again = train.load_config(tmp_path / "record.yaml", phase=phase, check_paths=False)
+    dropped = ("path", "phase_one", "phase_two")  # the original's data sections are in data.train by now
+    assert {k: v for k, v in again.items() if k not in dropped} == {k: v for k, v in config.items() if k not in dropped}
