@@ -83,9 +83,9 @@ from transformers import TrainerCallback, set_seed
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
+from run_record import RUN_RECORD, check_resumed_seed, describe_run
 from trainer import (
     COMPLETE_MARKER,
-    RUN_RECORD,
     EpochDraws,
     PhiClipTrainer,
     ProgressReport,
@@ -95,7 +95,6 @@ from trainer import (
     finished,
     output_lock,
     rotate_checkpoints,
-    run_record,
     saved_batch_shape,
     sigterm_stops,
     train_with_progress,
@@ -295,6 +294,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         args = training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
         _check_resume_point(resume_dir, complete, now)
+        check_resumed_seed(resume_dir, config["seed"])
     model_files = [name for name in ("config.json", ADAPTER_FILE) if (output_dir / name).is_file()]
     if model_files and not complete and not resume:  # a finished model, or a backbone's own directory
         raise ConfigError(
@@ -345,7 +345,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         eval_dataset=val_set,
         data_collator=Collator(model.processor),
         keep_checkpoints=config["training_args"]["save_total_limit"],
-        run_record=run_record(config, phase, resume_dir),
+        run_record=describe_run(config, phase, resume_dir),
     )
     processes, per_process = trainer.args.world_size, trainer.args.train_batch_size
     repeated = -len(train_set) % (processes * per_process)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -42,11 +41,11 @@ from dataset import SKIPPED, BadImageError, BadRecordError
 from generate import generate
 from model import loss_per_sample
 from processor import IMAGE_TOKEN
+from run_record import RUN_RECORD
 
 logger = logging.getLogger("train")
 
 LOCK_FILE = "train.lock"  # a live run's pid and host
-RUN_RECORD = "train_config.yaml"  # the config a model or checkpoint was trained with, and with which versions
 
 
 class PhiClipTrainer(Trainer):
@@ -166,31 +165,6 @@ def rotate_checkpoints(root: Path, keep: int | None) -> None:
         with contextlib.suppress(OSError):  # e.g. a file that is no directory: rmtree leaves it alone as well
             (directory / COMPLETE_MARKER).unlink(missing_ok=True)
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def run_record(config: dict, phase: str, resumed_from: str | os.PathLike | None = None) -> str:
-    """The config as this run read it (defaults filled in, --set applied) as YAML that train.py reads back, headed
-    by what else a rerun needs: the phase, the working directory relative paths start from, the library versions."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    # phase_one / phase_two are the original's spelling of data.train, which holds them now (both: an error)
-    values = {k: v for k, v in config.items() if k not in ("path", "phase_one", "phase_two")}
-    packages = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pillow")
-    lines = [
-        f"# The config of a phase-{phase} run of train.py, read from {config['path']} with defaults filled in.",
-        f"# Rerun: python train.py{' --phase_one' if phase == 'one' else ''} --config <this file> "
-        "--set checkpoint.output_dir=<a new directory>",
-        f"# Relative paths start from {os.getcwd()}.",
-        *([f"# Resumed from {resumed_from}."] if resumed_from else []),
-        f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {installed(p)}" for p in packages),
-    ]
-    return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
 class ResumableTensorBoard(TensorBoardCallback):

@@ -13,7 +13,7 @@ from test_train import tiny_config, write
 from transformers import TrainerCallback
 
 import train
-import trainer
+from run_record import RUN_RECORD, describe_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,8 +25,8 @@ def test_the_output_directory_alone_reruns_the_same_run(tmp_path, demo_dir):
     config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
     lr = ["--set", "training_args.learning_rate=1e-2"]  # the record holds what --set changed, not the file's value
     assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config)), *lr]) == 0
-    record = tmp_path / "first" / trainer.RUN_RECORD
-    assert record.read_text() == (tmp_path / "first" / "checkpoint-2" / trainer.RUN_RECORD).read_text()
+    record = tmp_path / "first" / RUN_RECORD
+    assert record.read_text() == (tmp_path / "first" / "checkpoint-2" / RUN_RECORD).read_text()
     assert f"transformers {transformers.__version__}" in record.read_text()
     rerun = ["--phase_one", "--config", str(record), "--set", f"checkpoint.output_dir={tmp_path / 'again'}"]
     assert train.main(rerun) == 0
@@ -36,6 +36,21 @@ def test_the_output_directory_alone_reruns_the_same_run(tmp_path, demo_dir):
     assert train.main([*other_seed, "--set", "seed=4"]) == 0
     seed4 = load_file(tmp_path / "seed4" / "adapter.safetensors")
     assert not any(first[k].equal(seed4[k]) for k in first)  # the seed initialises the adapter
+
+
+def test_a_resume_with_another_seed_is_refused(tmp_path, demo_dir, capsys):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
+    path = write(tmp_path / "one.yaml", config)
+    assert train.main(["--phase_one", "--config", str(path)]) == 0
+    resume = ["--phase_one", "--config", str(path), "--resume", "--max_steps", "3"]
+    capsys.readouterr()
+    assert train.main([*resume, "--set", "seed=4"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --resume {tmp_path / 'p1' / 'checkpoint-2'}: that run's seed was 3") and (
+        "this one's is 4" in error and len(error.splitlines()) == 1
+    )
+    assert train.main(resume) == 0
 
 
 class Stop(TrainerCallback):
@@ -65,7 +80,7 @@ def test_a_resumed_run_continues_the_data_order_and_one_loss_curve(tmp_path, dem
         return [(entry["step"], entry["loss"]) for entry in state["log_history"] if "loss" in entry]
 
     assert losses("cut") == losses("whole") and [step for step, _ in losses("cut")] == [1, 2, 3, 4]
-    assert "Resumed from" in (tmp_path / "cut" / trainer.RUN_RECORD).read_text()
+    assert "Resumed from" in (tmp_path / "cut" / RUN_RECORD).read_text()
     board = tmp_path / "cut" / "runs"
     assert all(path.is_file() for path in board.iterdir())  # one TensorBoard run per output directory
     events = event_accumulator.EventAccumulator(str(board))
@@ -95,7 +110,7 @@ def test_saving_lora_asks_no_hub_for_the_base_models_config(make_model, tmp_path
 def test_every_shipped_configs_record_reads_back_as_the_same_config(tmp_path, name):
     phase = "two" if "_p2" in name else "one"
     config = train.load_config(ROOT / "training_configs" / name, phase=phase, check_paths=False)
-    (tmp_path / "record.yaml").write_text(trainer.run_record(config, phase))
+    (tmp_path / "record.yaml").write_text(describe_run(config, phase))
     again = train.load_config(tmp_path / "record.yaml", phase=phase, check_paths=False)
     dropped = ("path", "phase_one", "phase_two")  # the original's data sections are in data.train by now
     assert {k: v for k, v in again.items() if k not in dropped} == {k: v for k, v in config.items() if k not in dropped}
