@@ -55,8 +55,9 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
             has_lora = isinstance(backbone, PeftModel)
             if has_lora:
                 with quiet_loading():
-                    # Embeddings are never LoRA targets (linear layers only) nor resized: peft's "auto" would ask
-                    # the Hub for the base model's config at every save (about 20 s a backbone with no network).
+                    # The base embeddings and lm_head are frozen and never resized: they belong to the backbone,
+                    # not here. peft's "auto" would ask the Hub for the base model's config at every save (about
+                    # 20 s a backbone with no network), and store all of lm_head where LoRA targets it.
                     backbone.save_pretrained(staging / f"lora_{name}", save_embedding_layers=False)
             if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
                 base = backbone.get_base_model() if has_lora else backbone
