@@ -89,21 +89,24 @@ def test_a_resumed_run_continues_the_data_order_and_one_loss_curve(tmp_path, dem
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
 
 
-def test_saving_lora_asks_no_hub_for_the_base_models_config(make_model, tmp_path, monkeypatch):
+def test_a_saved_lora_holds_lora_only_and_asks_no_hub_for_the_base_config(make_model, tmp_path, monkeypatch):
     import peft.utils.save_and_load
 
     def no_network(repo_id: str, filename: str, **kwargs):
         raise AssertionError(f"a Hub lookup of {repo_id}/{filename} at each checkpoint")
 
     monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_network)
-    model = make_model().setup_lora({"r": 2, "target_modules": ["qkv_proj"]}, {"r": 2, "target_modules": ["q_proj"]})
+    model = make_model().setup_lora(
+        {"r": 2, "target_modules": ["qkv_proj", "lm_head"]}, {"r": 2, "target_modules": ["q_proj"]}
+    )
     for backbone in (
         model.text_model,
         model.vision_model,
     ):  # as loaded by hub name, e.g. microsoft/Phi-3-mini-4k-instruct
         backbone.peft_config["default"].base_model_name_or_path = "example/a-hub-model"
     model.save_pretrained(tmp_path / "model")
-    assert (tmp_path / "model" / "lora_text" / "adapter_model.safetensors").is_file()
+    saved = load_file(tmp_path / "model" / "lora_text" / "adapter_model.safetensors")
+    assert saved and all("lora_" in key for key in saved)  # not the frozen lm_head, as peft's "auto" stored it
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "training_configs").glob("*.yaml")))
