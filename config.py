@@ -266,6 +266,13 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return "not a PhiClipMLLM checkpoint (no config.json); give train.py's output"
 
 
+def shown_path(path: str | Path) -> str:
+    """`path` quoted for a message, a relative one with the absolute path it names: a config's paths are read from
+    the working directory (not the config file's), and a run started elsewhere otherwise reads as a missing file."""
+    given = Path(path).expanduser()
+    return repr(str(path)) if given.is_absolute() else f"{str(path)!r} (from the working directory: {given.absolute()})"
+
+
 def last_line(error: Exception) -> str:
     """An error's message without the traceback a DataLoader worker's error carries in it."""
     # A worker's error arrives wrapped, its message ending in the worker's traceback, whose last line is

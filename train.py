@@ -22,6 +22,7 @@ from config import (
     backbone_architecture,
     checkpoint_step,
     last_line,
+    shown_path,
     torch_dtype,
 )
 from training_config import load_config
@@ -289,7 +290,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         Path(resume).expanduser() if isinstance(resume, str) else (complete[-1] if resume and complete else None)
     )
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
-        raise ConfigError(f"--resume: no complete checkpoint at {resume if isinstance(resume, str) else output_dir}")
+        raise ConfigError(f"--resume: no complete checkpoint at {shown_path(resume_dir or output_dir)}")
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
         args = training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)

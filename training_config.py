@@ -28,6 +28,7 @@ from config import (
     installed,
     is_int,
     require_bitsandbytes,
+    shown_path,
 )
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # training_args.optim: TrainingArguments' names
@@ -128,11 +129,10 @@ def load_config(
 
     Returns the whole config as nested plain dicts with every key of SCHEMA present (defaults filled in), plus
     `config["path"]` (the file) and `data.train` filled from the original's `phase_one` / `phase_two` sections when
-    those are used. `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). Every path has
-    `~` and environment variables expanded, and local model paths are made absolute (checkpoints then load from any
-    directory). `phase` ("one"/"two"/None) adds that phase's checks; `check_paths=False` skips file-existence checks
-    and whether bitsandbytes is installed where needed (dry runs plan on any machine); `splits` names the data splits
-    whose files must exist. Raises ConfigError.
+    those are used. `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). Paths: `~` and
+    $VARIABLES expanded, relative ones read from the working directory (local model paths stored absolute). `phase`
+    ("one"/"two"/None) adds that phase's checks, `splits` names the splits whose files must exist, and
+    `check_paths=False` checks neither files nor bitsandbytes (dry runs plan on any machine). Raises ConfigError.
     """
     path = Path(path)
     if not path.is_file():
@@ -322,7 +322,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
         first = (
             "; run phase one first (python train.py --phase_one --config ...)" if problem == "no such directory" else ""
         )
-        require(not problem, f"checkpoint.load_dir {ckpt['load_dir']!r}: {problem}{first}")
+        require(not problem, f"checkpoint.load_dir {shown_path(ckpt['load_dir'])}: {problem}{first}")
     # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
     paths = [
         (f"model.{k}", v)
@@ -337,7 +337,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
     for source in data_sources(config["text_warmup"]["data"]) if phase == "one" else ():
         paths += [(f"text_warmup.data.{k}", str(v)) for k, v in source.items() if k in DATA_PATH_KEYS]
     for name, value in paths if check_paths else ():
-        require(Path(value).expanduser().exists(), f"{name}: {value!r} does not exist")
+        require(Path(value).expanduser().exists(), f"{name}: {shown_path(value)} does not exist")
     if check_paths:  # a dry run plans on any machine
         _check_optional_packages(config, path, phase)
 

@@ -1,0 +1,64 @@
+"""The project run from elsewhere: another working directory, an installed copy, a notebook's process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TINY_TEXT, TINY_VISION
+
+import train
+from training_config import ConfigError, load_config
+
+
+def _config(tokenizer_dir: Path, **sections) -> dict:
+    config = {
+        "model": {"text_model": dict(TINY_TEXT), "vision_model": dict(TINY_VISION), "tokenizer": str(tokenizer_dir)},
+        "checkpoint": {"output_dir": "checkpoints/p1"},
+        "data": {"train": {"format": "coco", "annotation_file": "data/c.json", "image_directory": "data/images"}},
+        "training_args": {"report_to": "none"},
+    }
+    config.update(sections)
+    return config
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_relative_path_that_is_missing_names_where_it_was_looked_for(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    one = _write(tmp_path / "configs" / "one.yaml", _config(tiny_tokenizer_dir))
+    two = _config(tiny_tokenizer_dir, peft_text={"target_modules": ["qkv_proj"]})
+    two["checkpoint"] = {"output_dir": "checkpoints/p2", "load_dir": "checkpoints/p1"}
+    del two["model"]
+    two = _write(tmp_path / "configs" / "two.yaml", two)
+    monkeypatch.chdir(elsewhere)
+    for path, phase, key, relative in (
+        (one, "one", "data.train.annotation_file", "data/c.json"),
+        (two, "two", "checkpoint.load_dir", "checkpoints/p1"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            load_config(path, phase=phase)
+        message = str(error.value)
+        assert "\n" not in message and key in message and str(elsewhere / relative) in message, message
+
+
+def test_resume_without_a_checkpoint_names_the_directory_it_looked_in(
+    tmp_path, tiny_tokenizer_dir, capsys, monkeypatch
+):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "c.json").write_text(json.dumps({"images": [], "annotations": []}))
+    config = _config(tiny_tokenizer_dir)
+    config["data"]["train"].update(annotation_file=str(tmp_path / "c.json"), image_directory=str(tmp_path / "images"))
+    path = _write(tmp_path / "configs" / "one.yaml", config)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(tmp_path / "run" / "checkpoints" / "p1") in error, error
