@@ -391,34 +391,41 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
             "into other directories, run the phases with training_configs/tiny.yaml and tiny_p2.yaml"
         )
 
-    # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
-    torch.set_num_threads(1)
     root = Path(__file__).resolve().parent
+    if not (root / "training_configs" / "tiny_p2.yaml").is_file():  # `pip install .` copies the modules only
+        raise ConfigError(f"--demo runs in a clone of the repository: {root / 'training_configs'} not found")
+    # One thread: the tiny matmuls gain little from a second, and a core busy elsewhere stalls every parallel op.
+    threads, cwd = torch.get_num_threads(), os.getcwd()
+    torch.set_num_threads(1)
     os.chdir(root)  # the tiny configs' paths are relative to the repository root
-    figures, started = {}, time.time()
-    if not Path("data/demo/conversations_val.json").is_file():
-        make_demo("data/demo")
-    figures["make-demo s"] = time.time() - started
-    for phase, name in (("one", "tiny.yaml"), ("two", "tiny_p2.yaml")):
-        config = load_config(root / "training_configs" / name, overrides, phase=phase)
-        _remove_demo_output(Path(config["checkpoint"]["output_dir"]))
-        start = time.time()
-        model = run_training(config, phase)
-        figures[f"phase {phase} train s"] = time.time() - start
-        val, start = make_dataset(config["data"]["val"], seed=config["seed"]), time.time()
-        metrics = evaluate(model, val, batch_size=100, max_new_tokens=16)[0]
-        figures[f"phase {phase} caption exact match"] = metrics["exact_match"]
-        if "answer_accuracy" in metrics:
-            figures[f"phase {phase} answer accuracy"] = metrics["answer_accuracy"]
-        figures[f"phase {phase} eval s"] = time.time() - start
-    turns = answered_turns(val)
-    figures["caption chance"] = 1 / len(demo_captions())
-    figures["answer chance"] = sum(demo_chance(turn["history"][-1]["content"]) for turn in turns) / len(turns)
-    figures["val images"] = sum(not record.conversation for record in val.records)
-    figures["val answers"], figures["total s"] = len(turns), time.time() - started
-    whole = (" s", "images", "answers")  # seconds and counts; the rest are rates
-    print("demo: " + ", ".join(f"{k} {v:.0f}" if k.endswith(whole) else f"{k} {v:.3f}" for k, v in figures.items()))
-    return figures
+    try:  # the caller's working directory and threads are its own again afterwards (a notebook)
+        figures, started = {}, time.time()
+        if not Path("data/demo/conversations_val.json").is_file():
+            make_demo("data/demo")
+        figures["make-demo s"] = time.time() - started
+        for phase, name in (("one", "tiny.yaml"), ("two", "tiny_p2.yaml")):
+            config = load_config(root / "training_configs" / name, overrides, phase=phase)
+            _remove_demo_output(Path(config["checkpoint"]["output_dir"]))
+            start = time.time()
+            model = run_training(config, phase)
+            figures[f"phase {phase} train s"] = time.time() - start
+            val, start = make_dataset(config["data"]["val"], seed=config["seed"]), time.time()
+            metrics = evaluate(model, val, batch_size=100, max_new_tokens=16)[0]
+            figures[f"phase {phase} caption exact match"] = metrics["exact_match"]
+            if "answer_accuracy" in metrics:
+                figures[f"phase {phase} answer accuracy"] = metrics["answer_accuracy"]
+            figures[f"phase {phase} eval s"] = time.time() - start
+        turns = answered_turns(val)
+        figures["caption chance"] = 1 / len(demo_captions())
+        figures["answer chance"] = sum(demo_chance(turn["history"][-1]["content"]) for turn in turns) / len(turns)
+        figures["val images"] = sum(not record.conversation for record in val.records)
+        figures["val answers"], figures["total s"] = len(turns), time.time() - started
+        whole = (" s", "images", "answers")  # seconds and counts; the rest are rates
+        print("demo: " + ", ".join(f"{k} {v:.0f}" if k.endswith(whole) else f"{k} {v:.3f}" for k, v in figures.items()))
+        return figures
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
 
 
 def _remove_demo_output(directory: Path) -> None:

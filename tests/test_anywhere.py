@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_TEXT, TINY_VISION
 
+import shapes
 import train
 from training_config import ConfigError, load_config
 
@@ -62,3 +64,32 @@ def test_resume_without_a_checkpoint_names_the_directory_it_looked_in(
     assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(tmp_path / "run" / "checkpoints" / "p1") in error, error
+
+
+def test_the_demo_refuses_an_installed_copy_before_writing_anything(tmp_path, monkeypatch):
+    installed, work = tmp_path / "site-packages", tmp_path / "work"
+    installed.mkdir()
+    work.mkdir()
+    monkeypatch.setattr(train, "__file__", str(installed / "train.py"))  # `pip install .`: no training_configs/
+    monkeypatch.chdir(work)
+    with pytest.raises(ConfigError, match="training_configs"):
+        train.run_demo()
+    assert Path.cwd() == work and not any(installed.iterdir()) and not any(work.iterdir())
+
+
+def test_the_demo_gives_back_the_working_directory_and_threads_when_it_stops(tmp_path, monkeypatch):
+    def stop(*args, **kwargs):
+        assert Path.cwd() == Path(train.__file__).resolve().parent  # the demo configs' paths are the clone's
+        raise ConfigError("stopped here")
+
+    monkeypatch.setattr(shapes, "make_demo", lambda *args, **kwargs: None)  # no data written into the clone
+    monkeypatch.setattr(train, "load_config", stop)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ConfigError, match="stopped here"):
+            train.run_demo()
+        assert Path.cwd() == tmp_path and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
