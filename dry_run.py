@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from config import KNOWN_ARCHITECTURES, ConfigError, torch_dtype
+from config import KNOWN_ARCHITECTURES, ConfigError, shown_path, torch_dtype
 from lora import base_model
 from model import PhiClipConfig, PhiClipMLLM
 from processor import build_word_tokenizer
@@ -196,7 +196,7 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
     about = {"labels": labels, "vocabulary": vocabulary, "quantize": quantize, "notes": []}
     if phase == "two" and not (load_dir / "config.json").is_file():
         about["notes"].append(
-            f"checkpoint.load_dir {str(load_dir)!r} holds no phase-one model yet: planned from this config's model "
+            f"checkpoint.load_dir {shown_path(load_dir)} holds no phase-one model yet: planned from this config's model "
             "section, with the default backbones where it names none"
         )
     return model, about

@@ -32,13 +32,14 @@ def _write(path: Path, config: dict) -> Path:
     return path
 
 
-def test_a_relative_path_that_is_missing_names_where_it_was_looked_for(tmp_path, tiny_tokenizer_dir, monkeypatch):
+def test_a_relative_path_that_is_missing_names_where_it_was_looked_for(
+    tmp_path, tiny_tokenizer_dir, capsys, monkeypatch
+):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     one = _write(tmp_path / "configs" / "one.yaml", _config(tiny_tokenizer_dir))
     two = _config(tiny_tokenizer_dir, peft_text={"target_modules": ["qkv_proj"]})
     two["checkpoint"] = {"output_dir": "checkpoints/p2", "load_dir": "checkpoints/p1"}
-    del two["model"]
     two = _write(tmp_path / "configs" / "two.yaml", two)
     monkeypatch.chdir(elsewhere)
     for path, phase, key, relative in (
@@ -49,6 +50,11 @@ def test_a_relative_path_that_is_missing_names_where_it_was_looked_for(tmp_path,
             load_config(path, phase=phase)
         message = str(error.value)
         assert "\n" not in message and key in message and str(elsewhere / relative) in message, message
+    # A dry run plans without the phase-one model, and its note says where that was looked for.
+    assert train.main(["--config", str(two), "--dry_run"]) == 0
+    assert f"checkpoint.load_dir 'checkpoints/p1' (from the working directory: {elsewhere / 'checkpoints/p1'})" in (
+        capsys.readouterr().out
+    )
 
 
 def test_resume_without_a_checkpoint_names_the_directory_it_looked_in(
