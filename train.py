@@ -442,9 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit status."""
     parser = command_line()
     args = parser.parse_args(argv)
-    rank_zero = int(os.environ.get("RANK", "0")) == 0
+    rank_zero, first_here = (int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK"))
+    # Every process of a torchrun / accelerate launch run reads the same command line, config and files: until
+    # training starts, only the first process on each machine reports (train_with_progress lets the others warn
+    # about their own batches), so a warning, an error or the dry run's report is not repeated per GPU.
     logging.basicConfig(
-        level=logging.INFO if rank_zero else logging.WARNING,
+        level=logging.INFO if rank_zero else logging.WARNING if first_here else logging.ERROR,
         datefmt="%H:%M:%S",
         format="%(asctime)s %(name)s: %(message)s",
     )
@@ -471,14 +474,17 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     from dry_run import dry_run
 
-                    print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
+                    if first_here:
+                        print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
                 else:
                     run_training(config, phase, args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if first_here or getattr(error, "in_training", False):
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except (BadImageError, BadRecordError) as error:  # on_bad_*: error, or a split with nothing usable
-        print(f"error: {last_line(error)}", file=sys.stderr)
+        if first_here or getattr(error, "in_training", False):
+            print(f"error: {last_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped); the lock is released by now
         signum = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT

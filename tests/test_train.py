@@ -460,3 +460,32 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert len(two_eval) == len(one_eval) == 1 and two_eval == pytest.approx(
         one_eval, rel=1e-4
     )  # every val sample once
+
+
+@pytest.mark.slow
+def test_torchrun_says_start_up_warnings_errors_and_the_dry_run_once(tmp_path, demo_dir):
+    # Every process reads the same config and files: N identical copies of a line (one per GPU) say nothing more.
+    annotations = json.loads((demo_dir / "captions_train.json").read_text())
+    annotations["images"].append({"id": 10**6, "file_name": "gone.png"})
+    annotations["annotations"].append({"id": 10**6, "image_id": 10**6, "caption": "a red circle"})
+    (tmp_path / "train.json").write_text(json.dumps(annotations))
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["train"]["annotation_file"] = str(tmp_path / "train.json")
+    config["model"]["max_length"] = 1000  # more than the LM's positions: an error as the model is built
+    path = write(tmp_path / "c.yaml", config)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        command = [*torchrun, str(ROOT / "train.py"), "--phase_one", "--config", str(path), *extra]
+        return subprocess.run(command, cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+
+    failed = run()
+    assert failed.returncode != 0
+    assert failed.stderr.count("1 of 65 image file(s) missing") == 1, failed.stderr[-3000:]
+    assert [line for line in failed.stderr.splitlines() if line.startswith("error:")] == [
+        "error: model.max_length=1000 is longer than the text model's 512 positions (max_position_embeddings); "
+        "use at most that"
+    ], failed.stderr[-3000:]
+    planned = run("--dry_run", "--set", "model.max_length=64")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert planned.stdout.count("dry run:") == 1 and planned.stdout.count("trainable parameters:") == 1
