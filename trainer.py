@@ -450,6 +450,7 @@ def training_arguments(config: dict, output_dir: str, **changes) -> TrainingArgu
         data_seed=config["seed"],
         report_to=report_to,
         ddp_find_unused_parameters=False,
+        log_level_replica="error",  # transformers' own warnings (a resume's changed batch size): once per machine
         disable_tqdm=not sys.stderr.isatty(),  # progress bars only on a terminal: captured logs stay lines
     )
     return TrainingArguments(**(values | changes))

@@ -442,9 +442,8 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         history = json.loads((checkpoints[0] / "trainer_state.json").read_text())["log_history"]
         return [e["loss"] for e in history if "loss" in e], [e["eval_loss"] for e in history if "eval_loss" in e]
 
-    two, two_eval = run(
-        "ddp", 4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two, two_eval = run("ddp", 4, torchrun)
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-5").glob("rng_state_*")) == [
         "rng_state_0.pth",
         "rng_state_1.pth",
@@ -460,6 +459,17 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     assert len(two_eval) == len(one_eval) == 1 and two_eval == pytest.approx(
         one_eval, rel=1e-4
     )  # every val sample once
+    # And the other way: two processes resume the one-process run (1 x 8 = 2 x 4) to the same step 6, and say
+    # each thing once (transformers' warning that the batch size changed included).
+    command = [*torchrun, str(ROOT / "train.py"), "--phase_one", "--config", str(tmp_path / "single.yaml")]
+    command += ["--resume", "--max_steps", "6", "--set", "training_args.batch_size=4"]
+    result = subprocess.run(command, cwd=tmp_path, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), result.stderr[-3000:]
+    resumed_in_one = load_file(tmp_path / "ddp" / "adapter.safetensors")
+    resumed_in_two = load_file(tmp_path / "single" / "adapter.safetensors")
+    assert all((resumed_in_one[k] - resumed_in_two[k]).abs().max() <= 1e-6 for k in resumed_in_one)
 
 
 @pytest.mark.slow
