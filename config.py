@@ -8,11 +8,13 @@ expected. This module imports neither torch nor any project module, so `--help` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -280,6 +282,17 @@ def last_line(error: Exception) -> str:
     line = str(error).strip().splitlines()[-1]
     prefix = f"{type(error).__module__}.{type(error).__qualname__}: "
     return line.removeprefix(prefix).removeprefix(f"{type(error).__qualname__}: ")
+
+
+@contextlib.contextmanager
+def same_in_every_process() -> Iterator[None]:
+    """Marks an error raised inside as one that every process of a torchrun / accelerate launch run meets alike
+    (the same command line, config and files), so train.py reports it from one process per machine, not per GPU."""
+    try:
+        yield
+    except Exception as error:
+        error.same_in_every_process = True
+        raise
 
 
 def fail(message: str) -> NoReturn:

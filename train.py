@@ -22,6 +22,7 @@ from config import (
     backbone_architecture,
     checkpoint_step,
     last_line,
+    same_in_every_process,
     shown_path,
     torch_dtype,
 )
@@ -284,7 +285,8 @@ def run_training(
         return _run_training(config, phase, output_dir, resume, callbacks)
 
 
-def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks) -> PhiClipMLLM:
+def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
+    """The checkpoint to resume (or None), the training set and the val set (or None), before any weight loads."""
     complete = complete_checkpoints(output_dir)
     resume_dir = (
         Path(resume).expanduser() if isinstance(resume, str) else (complete[-1] if resume and complete else None)
@@ -318,6 +320,12 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         val_set = make_dataset(data["val"], seed=config["seed"]) if data["val"] else None
     except ValueError as error:
         raise ConfigError(f"{config['path']}: data: {error}") from error
+    return resume_dir, train_set, val_set
+
+
+def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks) -> PhiClipMLLM:
+    with same_in_every_process():
+        resume_dir, train_set, val_set = _starting_point(config, output_dir, resume)
     if resume_dir:
         logger.info("resuming from %s", resume_dir)
     started, model = time.time(), build_model(config, phase, resume_dir)
@@ -355,7 +363,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
             "an epoch's last step repeats %d sample(s) from its start to fill %d processes", repeated, processes
         )
     trainer.add_callback(EpochDraws(train_set))
-    trainer.add_callback(ProgressReport(trainer, val_set, data["eval_captions"]))
+    trainer.add_callback(ProgressReport(trainer, val_set, config["data"]["eval_captions"]))
     for callback in callbacks:
         trainer.add_callback(callback)
     if resume_dir is not None and finished(resume_dir, config["training_args"]["max_steps"]):
@@ -443,9 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = command_line()
     args = parser.parse_args(argv)
     rank_zero, first_here = (int(os.environ.get(name, "0")) == 0 for name in ("RANK", "LOCAL_RANK"))
-    # Every process of a torchrun / accelerate launch run reads the same command line, config and files: until
-    # training starts, only the first process on each machine reports (train_with_progress lets the others warn
-    # about their own batches), so a warning, an error or the dry run's report is not repeated per GPU.
+    # Every process of a torchrun / accelerate launch run reads the same config and files: what they all find alike
+    # (warnings before training, same_in_every_process errors, the dry run) the first on each machine reports.
     logging.basicConfig(
         level=logging.INFO if rank_zero else logging.WARNING if first_here else logging.ERROR,
         datefmt="%H:%M:%S",
@@ -470,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--config is required (or --demo)")
             else:
                 phase = "one" if args.phase_one else "two"
-                config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
+                with same_in_every_process():
+                    config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
                 if args.dry_run:
                     from dry_run import dry_run
 
@@ -478,13 +486,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(dry_run(config, phase, args.gpu_memory_gb or 24.0))
                 else:
                     run_training(config, phase, args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        if first_here or getattr(error, "in_training", False):
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (BadImageError, BadRecordError) as error:  # on_bad_*: error, or a split with nothing usable
-        if first_here or getattr(error, "in_training", False):
-            print(f"error: {last_line(error)}", file=sys.stderr)
+    except (ConfigError, CheckpointError, FileNotFoundError, BadImageError, BadRecordError) as error:
+        bad_data = isinstance(error, BadImageError | BadRecordError)  # on_bad_*: error; a worker's has its traceback
+        if first_here or not getattr(error, "same_in_every_process", False):
+            print(f"error: {last_line(error) if bad_data else error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped); the lock is released by now
         signum = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT

@@ -272,7 +272,7 @@ class ProgressBar(ProgressCallback):
 
 def train_with_progress(trainer: Trainer, stage: str, **train_kwargs: Any) -> None:
     """trainer.train() with labelled log lines; on a terminal, log lines print above the bar, never into it. A
-    process other than the first on its machine warns from here on, and an error it raises is marked `in_training`."""
+    process other than the first on its machine, quiet while it repeated the first one's start-up, warns from here."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if not trainer.args.disable_tqdm:
@@ -282,11 +282,7 @@ def train_with_progress(trainer: Trainer, stage: str, **train_kwargs: Any) -> No
     if int(os.environ.get("LOCAL_RANK", "0")) and root.level > logging.WARNING:
         root.setLevel(logging.WARNING)  # train.py quietened this process's start-up; its own batches are news
     with logging_redirect_tqdm():
-        try:
-            trainer.train(**train_kwargs)
-        except Exception as error:
-            error.in_training = True  # train.py: each process reports what its own batches or saves raised
-            raise
+        trainer.train(**train_kwargs)
 
 
 def batch_shape(processes: int, batch_size: int, accumulation: int) -> dict[str, int]:

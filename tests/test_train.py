@@ -479,9 +479,11 @@ def test_torchrun_says_start_up_warnings_errors_and_the_dry_run_once(tmp_path, d
     annotations["images"].append({"id": 10**6, "file_name": "gone.png"})
     annotations["annotations"].append({"id": 10**6, "image_id": 10**6, "caption": "a red circle"})
     (tmp_path / "train.json").write_text(json.dumps(annotations))
+    only_gone = {"images": annotations["images"][-1:], "annotations": annotations["annotations"][-1:]}
+    (tmp_path / "val.json").write_text(json.dumps(only_gone))
     config = tiny_config(demo_dir, tmp_path / "out")
     config["data"]["train"]["annotation_file"] = str(tmp_path / "train.json")
-    config["model"]["max_length"] = 1000  # more than the LM's positions: an error as the model is built
+    config["data"]["val"]["annotation_file"] = str(tmp_path / "val.json")  # nothing usable: an error
     path = write(tmp_path / "c.yaml", config)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -492,10 +494,10 @@ def test_torchrun_says_start_up_warnings_errors_and_the_dry_run_once(tmp_path, d
     failed = run()
     assert failed.returncode != 0
     assert failed.stderr.count("1 of 65 image file(s) missing") == 1, failed.stderr[-3000:]
-    assert [line for line in failed.stderr.splitlines() if line.startswith("error:")] == [
-        "error: model.max_length=1000 is longer than the text model's 512 positions (max_position_embeddings); "
-        "use at most that"
-    ], failed.stderr[-3000:]
-    planned = run("--dry_run", "--set", "model.max_length=64")
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        "val.json: no usable samples (all missing, malformed, or an empty annotation file)"
+    ), failed.stderr[-3000:]
+    planned = run("--dry_run")
     assert planned.returncode == 0, planned.stderr[-3000:]
     assert planned.stdout.count("dry run:") == 1 and planned.stdout.count("trainable parameters:") == 1
