@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--demo takes no {', '.join(flag for flag, value in given.items() if value)} (only --set, --max_steps)"
         )
+    if args.demo and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would delete and rewrite its files
+        return parser.error("--demo runs in one process: python train.py --demo (no launcher)") if first_here else 2
     if args.gpu_memory_gb is not None and not args.dry_run:
         parser.error("--gpu_memory_gb only sizes a --dry_run's estimate")
     if args.dry_run and args.resume:

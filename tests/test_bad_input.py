@@ -74,6 +74,19 @@ def test_flags_that_would_be_ignored_are_refused(argv, expected, capsys):
     assert expected in one_line_error(status, err)
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_the_demo_under_a_launcher_is_refused_once(local_rank, monkeypatch, capsys):
+    # Under torchrun each process deleted the output directory that another had just locked: one died with a
+    # misleading "holds files that are not a training output" and the other hung.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    status, err = run(["--demo"], capsys)
+    if local_rank == "0":
+        assert "--demo runs in one process" in one_line_error(status, err)
+    else:
+        assert (status, err) == (2, "")  # the first process on the machine says it
+
+
 # -------------------------------------------------------------------------------------------------- training
 def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, demo_dir, caplog):
     caplog.set_level(logging.INFO, logger="train")
