@@ -227,6 +227,7 @@ class CommandLine(argparse.ArgumentParser):
 
 COMPLETE_MARKER = "checkpoint_complete"  # written last (trainer.py): a checkpoint directory without it is ignored
 ADAPTER_FILE = "adapter.safetensors"  # the projector (checkpoint.py); named here for the checks that load no torch
+RUN_RECORD = "train_config.yaml"  # the config a training output was made with (run_record.py)
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -1,19 +1,22 @@
 """What a training output records about its run: train_config.yaml, the config as the run read it, in every
 checkpoint and the final model, so that the output directory alone says how to train it again; and what a resume
-checks against it.
+checks against a checkpoint (its step, global batch and seed) before any weight loads.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from config import ConfigError
+from config import RUN_RECORD, ConfigError, checkpoint_step
+from trainer import saved_batch_shape
 
-RUN_RECORD = "train_config.yaml"
+logger = logging.getLogger("train")
 
 # What a record names the versions of: the libraries whose changes change the numbers.
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pillow")
@@ -43,7 +46,35 @@ def describe_run(config: dict, phase: str, resumed_from: str | os.PathLike | Non
     return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
-def check_resumed_seed(checkpoint: Path, seed: int) -> None:
+def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int], seed: int) -> None:
+    """Refuse a resume that would lose checkpoints or not continue where the run stopped: later checkpoints in its
+    directory, another global batch (`now`, from trainer.batch_shape) or another seed."""
+    step = checkpoint_step(resume_dir)
+    later = [p.name for p in complete if step is not None and checkpoint_step(p) > step]
+    if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
+        raise ConfigError(
+            f"--resume {resume_dir}: the output directory also holds later checkpoints ({', '.join(later)}); "
+            f"move them aside to go back to step {step}, or resume the latest"
+        )
+    saved = saved_batch_shape(resume_dir)
+    if saved and math.prod(saved.values()) != math.prod(now.values()):
+
+        def describe(shape: dict) -> str:
+            return f"{math.prod(shape.values())} ({' x '.join(str(v) for v in shape.values())})"
+
+        raise ConfigError(
+            f"--resume {resume_dir}: that run's global batch was {describe(saved)}, this one's is {describe(now)} "
+            "(processes x batch_size x gradient_accumulation_steps): its data position and learning-rate schedule "
+            "would not continue where it stopped; keep the global batch"
+        )
+    if saved and saved != now:
+        logger.info(
+            "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
+        )
+    _check_seed(resume_dir, seed)
+
+
+def _check_seed(checkpoint: Path, seed: int) -> None:
     """Refuse to resume `checkpoint` with another seed: the rest of its epoch would be drawn from another
     permutation (samples repeated and others never seen), and the captions and instructions drawn anew. A checkpoint
     without a readable record (written before records were kept, or edited) is not checked."""

@@ -17,10 +17,10 @@ import sys
 
 from config import (
     ADAPTER_FILE,
+    RUN_RECORD,
     CommandLine,
     ConfigError,
     backbone_architecture,
-    checkpoint_step,
     last_line,
     same_in_every_process,
     shown_path,
@@ -71,7 +71,6 @@ if __name__ == "__main__":
     command_line().parse_args()  # --help and bad arguments answer here, before torch and transformers load (~6 s)
 
 import logging
-import math
 import os
 import shutil
 import signal
@@ -85,7 +84,7 @@ from transformers import TrainerCallback, set_seed
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
-from run_record import RUN_RECORD, check_resumed_seed, describe_run
+from run_record import check_resume_point, describe_run
 from trainer import (
     COMPLETE_MARKER,
     EpochDraws,
@@ -97,7 +96,6 @@ from trainer import (
     finished,
     output_lock,
     rotate_checkpoints,
-    saved_batch_shape,
     sigterm_stops,
     train_with_progress,
     training_arguments,
@@ -248,32 +246,6 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
     model.prime_model("one")
 
 
-def _check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int]) -> None:
-    """Refuse a resume that would lose checkpoints or not continue where the run stopped."""
-    step = checkpoint_step(resume_dir)
-    later = [p.name for p in complete if step is not None and checkpoint_step(p) > step]
-    if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
-        raise ConfigError(
-            f"--resume {resume_dir}: the output directory also holds later checkpoints ({', '.join(later)}); "
-            f"move them aside to go back to step {step}, or resume the latest"
-        )
-    saved = saved_batch_shape(resume_dir)
-    if saved and math.prod(saved.values()) != math.prod(now.values()):
-
-        def describe(shape: dict) -> str:
-            return f"{math.prod(shape.values())} ({' x '.join(str(v) for v in shape.values())})"
-
-        raise ConfigError(
-            f"--resume {resume_dir}: that run's global batch was {describe(saved)}, this one's is {describe(now)} "
-            "(processes x batch_size x gradient_accumulation_steps): its data position and learning-rate schedule "
-            "would not continue where it stopped; keep the global batch"
-        )
-    if saved and saved != now:
-        logger.info(
-            "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
-        )
-
-
 def run_training(
     config: dict, phase: str, resume: bool | str | None = None, callbacks: list[TrainerCallback] | tuple = ()
 ) -> PhiClipMLLM:
@@ -296,8 +268,7 @@ def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
         args = training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
-        _check_resume_point(resume_dir, complete, now)
-        check_resumed_seed(resume_dir, config["seed"])
+        check_resume_point(resume_dir, complete, now, config["seed"])
     model_files = [name for name in ("config.json", ADAPTER_FILE) if (output_dir / name).is_file()]
     if model_files and not complete and not resume:  # a finished model, or a backbone's own directory
         raise ConfigError(

@@ -36,12 +36,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from backbones import CheckpointError, read_config_file
-from config import COMPLETE_MARKER, ConfigError, complete_checkpoints, last_line
+from config import COMPLETE_MARKER, RUN_RECORD, ConfigError, complete_checkpoints, last_line
 from dataset import SKIPPED, BadImageError, BadRecordError
 from generate import generate
 from model import loss_per_sample
 from processor import IMAGE_TOKEN
-from run_record import RUN_RECORD
 
 logger = logging.getLogger("train")
 

@@ -13,7 +13,8 @@ from test_train import tiny_config, write
 from transformers import TrainerCallback
 
 import train
-from run_record import RUN_RECORD, describe_run
+from config import RUN_RECORD
+from run_record import describe_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
