@@ -513,18 +513,46 @@ def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
         assert max(counts.values()) - min(counts.values()) <= 1
 
 
+def shape_colour(image_pixels: np.ndarray) -> tuple[tuple, float]:
+    """A demo image's shape colour (the second most common: the background is the first) and its pixel share."""
+    pixels = image_pixels.reshape(-1, 3)
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    second = np.argsort(counts)[-2]
+    return tuple(colours[second]), counts[second] / len(pixels)
+
+
 def test_demo_images_show_their_caption(demo_dir):
     data = json.loads((demo_dir / "captions_val.json").read_text())
     for image, annotation in list(zip(data["images"], data["annotations"]))[:60]:
         _, colour, shape, _, _, side = annotation["caption"].split()
         image_pixels = np.asarray(Image.open(demo_dir / "images" / image["file_name"]).convert("RGB"))
-        pixels = image_pixels.reshape(-1, 3)
-        colours, counts = np.unique(pixels, axis=0, return_counts=True)
-        shape_colour = tuple(colours[np.argsort(counts)[-2]])  # the background is the most common colour
-        assert shape_colour == shapes.DEMO_COLOURS[colour], annotation
-        assert counts[np.argsort(counts)[-2]] > 0.1 * len(pixels)
-        columns = np.nonzero((image_pixels == shape_colour).all(axis=-1))[1]
+        colour_seen, share = shape_colour(image_pixels)
+        assert colour_seen == shapes.DEMO_COLOURS[colour], annotation
+        assert share > 0.1
+        columns = np.nonzero((image_pixels == colour_seen).all(axis=-1))[1]
         assert (columns.mean() < image_pixels.shape[1] / 2) == (side == "left"), annotation
+
+
+def test_each_caption_reaches_the_batch_with_its_own_image(demo_dir, tiny_processor, tmp_path):
+    # The demo's pixels show their caption's colour, so a caption paired with another record's image (in the reader,
+    # the dataset or the collator) is seen here, not only as a model that never learns.
+    data = json.loads((demo_dir / "captions_val.json").read_text())
+    data["images"].reverse()  # image ids no longer follow the list's order: pairing is by id, never by position
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    config = {
+        "format": "coco",
+        "annotation_file": str(tmp_path / "captions.json"),
+        "image_directory": str(demo_dir / "images"),
+        "max_samples": 24,
+    }
+    dataset = D.make_dataset(config, seed=3).attach(tiny_processor)
+    samples = [dataset[index] for index in range(len(dataset))]
+    for sample in samples:
+        colour = sample["conversation"][1]["content"].split()[1]
+        assert shape_colour(np.asarray(sample["images"][0]))[0] == shapes.DEMO_COLOURS[colour], sample["id"]
+    batch = D.Collator(tiny_processor)(samples[:8])
+    alone = [D.Collator(tiny_processor)([sample])["pixel_values"][0] for sample in samples[:8]]
+    assert all(torch.equal(row, pixels) for row, pixels in zip(batch["pixel_values"], alone))  # row i: sample i
 
 
 def test_demo_tokenizer_is_loadable_and_short(demo_dir):
