@@ -297,6 +297,21 @@ def test_trainable_parameters_and_gradients(make_model):
     assert next(half.setup_lora(TEXT_LORA).vision_adapter.parameters()).dtype == torch.float32  # mixed precision
 
 
+def test_a_bfloat16_model_feeds_its_fp32_adapter_in_training_and_generation(tiny_tokenizer_dir):
+    # As the README's notebook loads a checkpoint (dtype=torch.bfloat16), with no autocast around it: the adapter
+    # stays fp32 for training, so the bf16 tower's features must be cast on their way in, and its output back.
+    torch.manual_seed(0)
+    model = PhiClipMLLM(tiny_config(tiny_tokenizer_dir), dtype=torch.bfloat16).prime_model("one").train()
+    assert next(model.vision_model.parameters()).dtype == torch.bfloat16
+    assert next(model.vision_adapter.parameters()).dtype == torch.float32
+    batch = model.processor(PROMPTS, [random_image(i) for i in range(3)], ANSWERS)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad.dtype == torch.float32 for p in model.vision_adapter.parameters())
+    replies = generate(model, PROMPTS[:2], [random_image(0), random_image(1)], max_new_tokens=3)
+    assert len(replies) == 2 and all(isinstance(reply, str) for reply in replies)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(make_model):
     batch = None
     grads = []
