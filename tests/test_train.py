@@ -363,6 +363,32 @@ def test_logged_eval_loss_is_the_loss_per_token_that_evaluate_reports_whatever_t
     assert losses[3] == pytest.approx([expected], rel=1e-6) and losses[8] == pytest.approx([expected], rel=1e-6)
 
 
+def test_gradient_accumulation_takes_the_step_one_batch_of_the_same_samples_takes(tmp_path, demo_dir):
+    # README: the loss is normalised by the supervised tokens of the whole accumulated batch. With answers of 1 to
+    # 22 words, a mean per micro-batch (or a sum of micro-batch means) would give another gradient than 8 x 1.
+    train_data = json.loads((demo_dir / "captions_train.json").read_text())
+    images = train_data["images"][:8]  # one step of 8 takes every sample, in whatever order
+    captions = [
+        {"id": i, "image_id": image["id"], "caption": " ".join(["shapes", *["on the left"] * i])}
+        for i, image in enumerate(images)
+    ]
+    (tmp_path / "train.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    logged = {}
+    for batch_size, accumulation in ((8, 1), (4, 2), (2, 4)):
+        out = tmp_path / f"{batch_size}x{accumulation}"
+        config = tiny_config(demo_dir, out)
+        config["data"]["train"]["annotation_file"] = str(tmp_path / "train.json")
+        config["data"]["val"] = None
+        config["training_args"].update(
+            max_steps=1, save_steps=1, batch_size=batch_size, gradient_accumulation_steps=accumulation
+        )
+        assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))]) == 0
+        state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+        (entry,) = [entry for entry in state["log_history"] if "grad_norm" in entry]
+        logged[batch_size] = (entry["loss"], entry["grad_norm"])
+    assert logged[4] == pytest.approx(logged[8], rel=1e-4) and logged[2] == pytest.approx(logged[8], rel=1e-4)
+
+
 def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir, capsys):
     bad = tmp_path / "images"
     shutil.copytree(demo_dir / "images", bad)
