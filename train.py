@@ -13,6 +13,7 @@ the transformers Trainer; only rank 0 writes. Relative paths in a config are rel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from config import (
@@ -117,12 +118,14 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     dtype, model_section = torch_dtype(config["dtype"]), config["model"] or {}
     source = resume_dir or (Path(config["checkpoint"]["load_dir"]) if phase == "two" else None)
     if source is None:
-        model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype, device=_build_device())
+        with _naming(config["path"]):
+            model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype, device=_build_device())
         model.prime_model("one")
     else:
         runtime = {k: v for k, v in model_section.items() if k in PhiClipConfig.RUNTIME_KEYS}
         _check_architecture(model_section, source)
-        model = PhiClipMLLM.from_pretrained(source, dtype=dtype, trainable=True, **runtime)
+        with _naming(config["path"]):
+            model = PhiClipMLLM.from_pretrained(source, dtype=dtype, trainable=True, **runtime)
         lora = {name: bool(getattr(model.config, f"lora_{name}")) for name in ("text", "vision")}
         if resume_dir is not None:
             wanted = {name: bool(config[f"peft_{name}"]) and phase == "two" for name in ("text", "vision")}
@@ -145,12 +148,22 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
             except ValueError as error:  # targets that match nothing, settings that contradict a loaded LoRA
                 raise ConfigError(f"{config['path']}: {error}") from None
     if config["training_args"]["use_liger_kernel"]:
-        use_liger_kernels(model.text_model)
+        with _naming(config["path"]):
+            use_liger_kernels(model.text_model)
     if config["training_args"]["gradient_checkpointing"]:
         model.enable_gradient_checkpointing()
     if config["training_args"]["torch_compile"]:
         model.compile_language_model()
     return model
+
+
+@contextlib.contextmanager
+def _naming(config_file: str):
+    """The model code knows a setting's key (model.max_length, ...) but not the YAML it came from: add the file."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(f"{config_file}: {error}") from None
 
 
 def _build_device() -> torch.device | None:

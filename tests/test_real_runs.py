@@ -589,6 +589,7 @@ def test_11_wrong_values_are_one_line_errors_before_anything_loads(tmp_path, dem
     assert train.main(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config)), *argv]) == 2
     message = capsys.readouterr().err
     assert expected in message and len(message.strip().splitlines()) == 1, message
+    assert str(tmp_path / "c.yaml") in message  # the file the bad value is in, wherever the check runs
     assert not (tmp_path / "p1").exists()  # nothing was written
 
 
