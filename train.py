@@ -40,7 +40,8 @@ def command_line() -> argparse.ArgumentParser:
         nargs="?",
         const=True,
         default=None,
-        help="continue from the latest complete checkpoint in output_dir, or from the one given",
+        help="continue from the latest complete checkpoint in output_dir, or from the one given (a checkpoint-N "
+        "directory, or an output directory: its latest)",
     )
     parser.add_argument("--max_steps", type=int, help="stop after N optimizer steps (overrides the config)")
     parser.add_argument(
@@ -273,9 +274,11 @@ def run_training(
 def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
     """The checkpoint to resume (or None), the training set and the val set (or None), before any weight loads."""
     complete = complete_checkpoints(output_dir)
-    resume_dir = (
-        Path(resume).expanduser() if isinstance(resume, str) else (complete[-1] if resume and complete else None)
-    )
+    resume_dir = complete[-1] if resume is True and complete else None
+    if isinstance(resume, str):
+        resume_dir = Path(resume).expanduser()
+        if not (resume_dir / COMPLETE_MARKER).is_file() and complete_checkpoints(resume_dir):
+            resume_dir = complete_checkpoints(resume_dir)[-1]  # an output directory: its latest checkpoint
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {shown_path(resume_dir or output_dir)}")
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs

@@ -128,7 +128,8 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     status, err = run(["--phase_one", "--config", path], capsys)
     assert "holds a finished run (checkpoint-2 is its last step)" in one_line_error(status, err)
     (tmp_path / "p1" / "metrics_val.json").write_text('{"val_loss": 5.6}')  # evaluate.py's, of the step-2 model
-    assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "4"]) == 0
+    # --resume given the output directory itself takes its latest complete checkpoint
+    assert train.main(["--phase_one", "--config", path, "--resume", str(tmp_path / "p1"), "--max_steps", "4"]) == 0
     assert [p.name for p in train.complete_checkpoints(tmp_path / "p1")] == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "p1" / "metrics_val.json").exists()  # export's model card would quote it
     state = json.loads((tmp_path / "p1" / "checkpoint-4" / "trainer_state.json").read_text())
