@@ -16,7 +16,7 @@ from pathlib import Path
 
 from config import CommandLine, checkpoint_problem, fail
 
-DEMO_IMAGES = Path("data/demo/images")  # written by `python train.py --demo`
+DEMO_IMAGES = Path(__file__).resolve().parent / "data/demo/images"  # `python train.py --demo` writes them there
 TITLE = "PhiClipMLLM"
 MAX_NEW_TOKENS = 1024  # the reply-length slider's top
 
