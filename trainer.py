@@ -174,6 +174,8 @@ class ResumableTensorBoard(TensorBoardCallback):
     hides what a stopped run logged past the checkpoint it was resumed from, and the curve goes on from there.
     """
 
+    purge_step: int | None = None  # set as training starts, used by the writer made then only
+
     def on_train_begin(self, args, state, control, **kwargs):
         if self.logging_dir is None:  # TENSORBOARD_LOGGING_DIR still wins, as in transformers
             self.logging_dir = os.path.join(args.output_dir, "runs")
@@ -182,7 +184,9 @@ class ResumableTensorBoard(TensorBoardCallback):
         super().on_train_begin(args, state, control, **kwargs)
 
     def _init_summary_writer(self, args):
-        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=getattr(self, "purge_step", None))
+        # Once: a writer made again after on_train_end (an evaluate() logging) would hide this run's own steps.
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self.purge_step)
+        self.purge_step = None
 
 
 class EpochDraws(TrainerCallback):

@@ -95,6 +95,24 @@ def test_a_resumed_run_continues_the_data_order_and_one_loss_curve(tmp_path, dem
     assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
 
 
+def test_logging_after_training_hides_none_of_the_runs_steps(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from trainer import ResumableTensorBoard
+
+    args, state, control = TrainingArguments(str(tmp_path), report_to="none"), TrainerState(), TrainerControl()
+    board, state.global_step = ResumableTensorBoard(), 2  # resumed from checkpoint-2
+    board.on_train_begin(args, state, control)
+    for state.global_step in (3, 4):
+        board.on_log(args, state, control, logs={"loss": float(state.global_step)})
+    board.on_train_end(args, state, control)
+    board.on_log(args, state, control, logs={"eval_loss": 1.0})  # trainer.evaluate() after training: a new writer
+    events = event_accumulator.EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 4]
+
+
 def test_a_saved_lora_holds_lora_only_and_asks_no_hub_for_the_base_config(make_model, tmp_path, monkeypatch):
     import peft.utils.save_and_load
 
