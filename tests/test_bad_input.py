@@ -87,6 +87,20 @@ def test_the_demo_under_a_launcher_is_refused_once(local_rank, monkeypatch, caps
         assert (status, err) == (2, "")  # the first process on the machine says it
 
 
+def test_a_later_process_on_the_machine_says_only_the_errors_that_may_be_its_own(
+    tmp_path, demo_dir, monkeypatch, capsys
+):
+    # Under torchrun the first process on a machine reports what every process meets alike (a missing data file);
+    # an error from building the model, which may depend on the process's GPU, each process reports itself.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["train"]["annotation_file"] = str(tmp_path / "gone.json")
+    assert run(["--phase_one", "--config", str(write(tmp_path / "gone.yaml", config))], capsys) == (2, "")
+    config = tiny_config(demo_dir, tmp_path / "out", model={"max_length": 1000})
+    status, err = run(["--phase_one", "--config", str(write(tmp_path / "long.yaml", config))], capsys)
+    assert "model.max_length=1000 is longer than the text model's 512 positions" in one_line_error(status, err)
+
+
 # -------------------------------------------------------------------------------------------------- training
 def test_a_bad_image_among_the_report_captions_is_skipped_not_fatal(tmp_path, demo_dir, caplog):
     caplog.set_level(logging.INFO, logger="train")
