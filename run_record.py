@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from packaging.version import Version
+from transformers import __version__ as TRANSFORMERS_VERSION
 
 from config import RUN_RECORD, ConfigError, checkpoint_step
 from trainer import saved_batch_shape
@@ -66,6 +68,14 @@ def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, in
             f"--resume {resume_dir}: that run's global batch was {describe(saved)}, this one's is {describe(now)} "
             "(processes x batch_size x gradient_accumulation_steps): its data position and learning-rate schedule "
             "would not continue where it stopped; keep the global batch"
+        )
+    if saved and saved["batch_size"] != now["batch_size"] and Version(TRANSFORMERS_VERSION) < Version("5.2"):
+        # Their Trainer reads the per-device batch size back from trainer_state.json on every resume, so the
+        # config's would be ignored and the global batch change after all (2 x 4 resumed as 1 x 4, not 1 x 8).
+        raise ConfigError(
+            f"--resume {resume_dir}: transformers {TRANSFORMERS_VERSION} resumes with the checkpoint's batch_size "
+            f"({saved['batch_size']}), not this config's ({now['batch_size']}): keep batch_size "
+            f"{saved['batch_size']} and change gradient_accumulation_steps, or use transformers 5.2 or later"
         )
     if saved and saved != now:
         logger.info(

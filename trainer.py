@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
@@ -112,9 +113,9 @@ class PhiClipTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         scheduler = self.lr_scheduler
         if checkpoint is None or not hasattr(scheduler, "lr_lambdas"):  # LambdaLR: Trainer's schedules
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            return self._restore_optimizer_and_scheduler(checkpoint)
         configured = [{k: group[k] for k in ("initial_lr", "weight_decay")} for group in self.optimizer.param_groups]
-        super()._load_optimizer_and_scheduler(checkpoint)
+        self._restore_optimizer_and_scheduler(checkpoint)
         # The restored optimizer holds the checkpoint's learning rate and weight decay, and the rate the old
         # schedule reached (0 at the end of a finished run). The config's values win, as everywhere else on a
         # resume, and the rate is recomputed from the current schedule at the restored step: the same values when
@@ -134,6 +135,19 @@ class PhiClipTrainer(Trainer):
         for group, rate in zip(self.optimizer.param_groups, rates):
             group["lr"] = rate
         scheduler._last_lr = rates
+
+    def _restore_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        optimizer_file, scheduler_file = (Path(checkpoint or "") / name for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
+        if not (
+            checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu" and optimizer_file.is_file()
+        ):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # Several processes on the CPU (torchrun, gloo): transformers before 5.18 maps the state to this process's
+        # device, "cpu:0", which torch.load cannot restore (the resume died in every process); load it as later
+        # versions and one process do, onto "cpu".
+        self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
+        if scheduler_file.is_file():
+            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
 
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)

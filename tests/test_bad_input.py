@@ -345,3 +345,24 @@ def test_generate_leaves_a_training_model_training_whatever_happens(make_model, 
         generate(model, [f"Describe this image. {D.IMAGE_TOKEN}"], [tmp_path / "bad.png"])
     assert model.training
     assert isinstance(generate(model, ["Hello"], max_new_tokens=2)[0], str) and model.training
+
+
+@pytest.mark.parametrize("version, refused", [("5.1.0", True), ("5.2.0", False)])
+def test_a_resume_that_changes_the_per_device_batch_is_refused_where_transformers_would_ignore_it(
+    tmp_path, monkeypatch, version, refused
+):
+    import run_record
+    from trainer import COMPLETE_MARKER, batch_shape
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 4, **batch_shape(2, 4, 1)}))
+    monkeypatch.setattr(run_record, "TRANSFORMERS_VERSION", version)
+    run_record.check_resume_point(checkpoint, [checkpoint], batch_shape(2, 4, 1), seed=0)  # unchanged: always fine
+    run_record.check_resume_point(checkpoint, [checkpoint], batch_shape(1, 4, 2), seed=0)  # accumulation: fine
+    one_process = batch_shape(1, 8, 1)  # the same global batch through a larger per-device batch
+    if refused:  # 5.0 and 5.1 would train on with the checkpoint's batch_size 4: 1 x 4, not 1 x 8
+        with pytest.raises(ConfigError, match=r"transformers 5\.1\.0 resumes with the checkpoint's batch_size \(4\)"):
+            run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
+    else:
+        run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
