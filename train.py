@@ -124,8 +124,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
         model.prime_model("one")
     else:
         runtime = {k: v for k, v in model_section.items() if k in PhiClipConfig.RUNTIME_KEYS}
-        _check_architecture(model_section, source)
-        with _naming(config["path"]):
+        with _naming(config["path"]):  # "model.KEY is ... in the config but ...": which config
+            _check_architecture(model_section, source)
             model = PhiClipMLLM.from_pretrained(source, dtype=dtype, trainable=True, **runtime)
         lora = {name: bool(getattr(model.config, f"lora_{name}")) for name in ("text", "vision")}
         if resume_dir is not None:

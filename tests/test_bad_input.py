@@ -175,11 +175,12 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     for model_section, expected in (
         ({"tokenizer": str(other)}, f"model.tokenizer is {str(other)!r} in the config but"),
         ({"vision_feature_layer": -2}, "model.vision_feature_layer is -2 in the config but -1 in"),
+        ({"max_length": 1000}, "model.max_length=1000 is longer than the text model's 512 positions"),
     ):
         two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=1)
         two["model"] = model_section
         status, err = run(["--config", str(write(tmp_path / "two.yaml", two))], capsys)
-        assert expected in one_line_error(status, err)
+        assert expected in one_line_error(status, err) and str(tmp_path / "two.yaml") in err
 
 
 @pytest.mark.parametrize(
@@ -195,7 +196,7 @@ def test_bad_inline_backbone_configs_are_one_line_errors(tmp_path, demo_dir, cap
     config = tiny_config(demo_dir, tmp_path / "out")
     config["model"][backbone].update(change)
     status, err = run(["--phase_one", "--config", str(write(tmp_path / "c.yaml", config))], capsys)
-    assert expected in one_line_error(status, err)
+    assert f"{tmp_path / 'c.yaml'}: model." in one_line_error(status, err) and expected in err  # the file too
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,8 @@ def test_liger_without_a_gpu_is_one_line_error(tmp_path, demo_dir, monkeypatch, 
     path = write(tmp_path / "liger.yaml", liger_config(demo_dir, tmp_path / "out"))
     assert train.main(["--phase_one", "--config", str(path)]) == 2
     message = capsys.readouterr().err
-    assert message == "error: training_args.use_liger_kernel=true: liger-kernel's Triton kernels need a CUDA GPU\n"
+    expected = "training_args.use_liger_kernel=true: liger-kernel's Triton kernels need a CUDA GPU"
+    assert message == f"error: {path}: {expected}\n"  # the YAML file it is in, as every config error
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and LIGER_INSTALLED), reason="needs a CUDA GPU and liger-kernel")
