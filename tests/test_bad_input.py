@@ -11,7 +11,9 @@ import sys
 
 import pytest
 import torch
+import transformers
 from conftest import SHARED_DATA, require_shared
+from packaging.version import Version
 from test_train import phase_two_config, tiny_config, write
 
 import dataset as D
@@ -158,6 +160,10 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     assert "global batch was 8 (1 x 8 x 1), this one's is 4 (1 x 4 x 1)" in one_line_error(status, err)
     # A learning rate or weight decay changed for the rest of the run is taken, not the checkpoint's.
     changed = ["training_args.gradient_accumulation_steps=2", "training_args.learning_rate=0.01"]
+    if Version(transformers.__version__) < Version("5.2"):  # 5.0/5.1 would keep the checkpoint's batch_size: refused
+        status, err = run([*more, "--set", changed[0]], capsys)
+        assert "resumes with the checkpoint's batch_size (8), not this config's (4)" in one_line_error(status, err)
+        more, changed = more[:-2], changed[1:]  # the same batch as the checkpoint's, for the rest of the test
     status, err = run([*more, *(x for c in [*changed, "training_args.weight_decay=0.1"] for x in ("--set", c))], capsys)
     assert status == 0, err
     expected = "resuming with learning_rate 0.01 and weight_decay 0.1 as configured (the checkpoint's: 0.003 and 0)"
