@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     check_arguments(args)
     device = choose_device(args.device)
     examples = [str(Path(p).expanduser()) for p in args.example]
-    if not examples and DEMO_IMAGES.is_dir():
-        examples = [str(p) for p in sorted(DEMO_IMAGES.glob("*.png"))[:4]]
+    demo_images = next((d for d in (DEMO_IMAGES, Path("data/demo/images")) if d.is_dir()), None)
+    if not examples and demo_images:  # the clone's, or (an installed copy) where `python -m shapes` wrote them
+        examples = [str(p.resolve()) for p in sorted(demo_images.glob("*.png"))[:4]]
     model = full_context(load_checkpoint_or_exit(args.checkpoint, device), MAX_NEW_TOKENS)  # the slider's top
     demo = build_demo(model, examples, args.max_new_tokens)
     demo.queue().launch(

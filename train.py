@@ -178,7 +178,12 @@ def _which(flags: dict) -> str:
 
 def _check_architecture(model_section: dict, checkpoint: Path) -> None:
     """The YAML's architecture keys must describe the checkpoint being loaded (a phase-two file copies them)."""
-    stored = PhiClipConfig.from_dict(read_config_file(checkpoint / "config.json", "PhiClipMLLM"))
+    try:
+        stored = PhiClipConfig.from_dict(
+            read_config_file(checkpoint / "config.json", "PhiClipMLLM"), where=str(checkpoint / "config.json")
+        )
+    except (TypeError, ValueError) as error:  # an unknown or mistyped key: the file is at fault, not the YAML
+        raise CheckpointError(str(error)) from None
     tokenizer = stored.tokenizer or stored.text_model
     if model_section.get("tokenizer") not in (None, tokenizer):  # the checkpoint keeps (and loads) its own copy
         raise ConfigError(

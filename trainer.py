@@ -137,17 +137,15 @@ class PhiClipTrainer(Trainer):
         scheduler._last_lr = rates
 
     def _restore_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        optimizer_file, scheduler_file = (Path(checkpoint or "") / name for name in (OPTIMIZER_NAME, SCHEDULER_NAME))
-        if not (
-            checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu" and optimizer_file.is_file()
-        ):
+        files = [Path(checkpoint or "") / name for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+        several_on_cpu = self.args.world_size > 1 and self.args.device.type == "cpu"
+        if not (checkpoint and several_on_cpu and all(file.is_file() for file in files)):
             return super()._load_optimizer_and_scheduler(checkpoint)
         # Several processes on the CPU (torchrun, gloo): transformers before 5.18 maps the state to this process's
-        # device, "cpu:0", which torch.load cannot restore (the resume died in every process); load it as later
+        # device, "cpu:0", which torch.load cannot restore (the resume died in every process); load both as later
         # versions and one process do, onto "cpu".
-        self.optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
-        if scheduler_file.is_file():
-            self.lr_scheduler.load_state_dict(torch.load(scheduler_file, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(files[0], map_location="cpu", weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(files[1], weights_only=True))
 
     def _save_checkpoint(self, model, trial) -> None:
         root = Path(self.args.output_dir)

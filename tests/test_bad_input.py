@@ -373,3 +373,15 @@ def test_a_resume_that_changes_the_per_device_batch_is_refused_where_transformer
             run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
     else:
         run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
+
+
+def test_a_phase_one_model_whose_config_json_has_an_unknown_key_is_named_in_one_line(tmp_path, demo_dir, capsys):
+    one = tiny_config(demo_dir, tmp_path / "p1")
+    one["training_args"].update(max_steps=1, save_steps=1, eval_steps=None)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", one))]) == 0
+    stored = tmp_path / "p1" / "config.json"
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "feature_layr": -2}))  # edited by hand
+    two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2")
+    two["model"] = {"vision_feature_layer": -2}  # an architecture key: checked against the stored config first
+    status, err = run(["--config", str(write(tmp_path / "two.yaml", two))], capsys)
+    assert f"{stored}: unknown key(s) ['feature_layr']" in one_line_error(status, err)
