@@ -82,6 +82,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, set_seed
+from transformers.utils import logging as hf_logging
 
 from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
@@ -450,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         format="%(asctime)s %(name)s: %(message)s",
     )
+    # transformers prints its own records, and also hands them to the root logger where CI is set (GitHub
+    # Actions sets it): this handler would print each of its warnings a second time.
+    hf_logging.disable_propagation()
     overrides = list(args.set) + ([f"training_args.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     given = {"--config": args.config, "--phase_one": args.phase_one, "--resume": args.resume, "--dry_run": args.dry_run}
     if args.demo and any(given.values()):  # the demo has its own configs and output directories
