@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from backbones import CheckpointError, quiet_loading, read_config_file
-from config import ADAPTER_FILE, ConfigError, PhiClipConfig, checkpoint_directory
+from config import ADAPTER_FILE, ConfigError, PhiClipConfig, backbone_architecture, checkpoint_directory
 from lora import without_lora
 from quantization import dequantized, is_quantized
 
@@ -176,3 +176,35 @@ def _read_adapter(file: Path, adapter: nn.Module) -> dict:
             "(adapter_dim or the backbones' widths differ from the run that wrote it)"
         )
     return state
+
+
+def check_architecture(model_section: dict, checkpoint: Path) -> None:
+    """The YAML's architecture keys must describe the checkpoint being loaded (a phase-two file copies them)."""
+    try:
+        stored = PhiClipConfig.from_dict(
+            read_config_file(checkpoint / "config.json", "PhiClipMLLM"), where=str(checkpoint / "config.json")
+        )
+    except (TypeError, ValueError) as error:  # an unknown or mistyped key: the file is at fault, not the YAML
+        raise CheckpointError(str(error)) from None
+    tokenizer = stored.tokenizer or stored.text_model
+    if model_section.get("tokenizer") not in (None, tokenizer):  # the checkpoint keeps (and loads) its own copy
+        raise ConfigError(
+            f"model.tokenizer is {model_section['tokenizer']!r} in the config but {tokenizer!r} in "
+            f"{checkpoint / 'config.json'}: a loaded model keeps the tokenizer its embeddings were trained with "
+            "(delete the key)"
+        )
+    for key in PhiClipConfig.ARCHITECTURE_KEYS:
+        if key not in model_section:
+            continue
+        given = wanted = model_section[key]
+        found = shown = getattr(stored, key)
+        if key == "vision_feature_layer" and wanted < 0:  # stored as the number of layers kept
+            layers = (backbone_architecture(stored.vision_model) or {}).get("num_hidden_layers")
+            if layers is None:
+                continue  # the tower's depth is not known offline: nothing to compare against
+            wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
+        if wanted != found:
+            raise ConfigError(
+                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, the model "
+                f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {shown!r})"
+            )

@@ -21,7 +21,6 @@ from config import (
     RUN_RECORD,
     CommandLine,
     ConfigError,
-    backbone_architecture,
     last_line,
     same_in_every_process,
     shown_path,
@@ -84,7 +83,8 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.utils import logging as hf_logging
 
-from backbones import CheckpointError, quantize_language_model, read_config_file, use_liger_kernels
+from backbones import CheckpointError, quantize_language_model, use_liger_kernels
+from checkpoint import check_architecture
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
 from run_record import check_resume_point, describe_run
@@ -126,7 +126,7 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     else:
         runtime = {k: v for k, v in model_section.items() if k in PhiClipConfig.RUNTIME_KEYS}
         with _naming(config["path"]):  # "model.KEY is ... in the config but ...": which config
-            _check_architecture(model_section, source)
+            check_architecture(model_section, source)
             model = PhiClipMLLM.from_pretrained(source, dtype=dtype, trainable=True, **runtime)
         lora = {name: bool(getattr(model.config, f"lora_{name}")) for name in ("text", "vision")}
         if resume_dir is not None:
@@ -175,38 +175,6 @@ def _build_device() -> torch.device | None:
 
 def _which(flags: dict) -> str:
     return " and ".join(f"the {name} model" for name, on in flags.items() if on) or "neither backbone"
-
-
-def _check_architecture(model_section: dict, checkpoint: Path) -> None:
-    """The YAML's architecture keys must describe the checkpoint being loaded (a phase-two file copies them)."""
-    try:
-        stored = PhiClipConfig.from_dict(
-            read_config_file(checkpoint / "config.json", "PhiClipMLLM"), where=str(checkpoint / "config.json")
-        )
-    except (TypeError, ValueError) as error:  # an unknown or mistyped key: the file is at fault, not the YAML
-        raise CheckpointError(str(error)) from None
-    tokenizer = stored.tokenizer or stored.text_model
-    if model_section.get("tokenizer") not in (None, tokenizer):  # the checkpoint keeps (and loads) its own copy
-        raise ConfigError(
-            f"model.tokenizer is {model_section['tokenizer']!r} in the config but {tokenizer!r} in "
-            f"{checkpoint / 'config.json'}: a loaded model keeps the tokenizer its embeddings were trained with "
-            "(delete the key)"
-        )
-    for key in PhiClipConfig.ARCHITECTURE_KEYS:
-        if key not in model_section:
-            continue
-        given = wanted = model_section[key]
-        found = shown = getattr(stored, key)
-        if key == "vision_feature_layer" and wanted < 0:  # stored as the number of layers kept
-            layers = (backbone_architecture(stored.vision_model) or {}).get("num_hidden_layers")
-            if layers is None:
-                continue  # the tower's depth is not known offline: nothing to compare against
-            wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
-        if wanted != found:
-            raise ConfigError(
-                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, the model "
-                f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {shown!r})"
-            )
 
 
 def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict) -> None:
