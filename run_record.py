@@ -29,7 +29,7 @@ def describe_run(config: dict, phase: str, resumed_from: str | os.PathLike | Non
     by what else a rerun needs: the phase, the working directory relative paths start from, the library versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    def installed(package: str) -> str:
+    def version_of(package: str) -> str:
         try:
             return version(package)
         except PackageNotFoundError:
@@ -43,7 +43,7 @@ def describe_run(config: dict, phase: str, resumed_from: str | os.PathLike | Non
         "--set checkpoint.output_dir=<a new directory>",
         f"# Relative paths start from {os.getcwd()}.",
         *([f"# Resumed from {resumed_from}."] if resumed_from else []),
-        f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {installed(p)}" for p in PACKAGES),
+        f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {version_of(p)}" for p in PACKAGES),
     ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 

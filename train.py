@@ -251,8 +251,8 @@ def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
     resume_dir = complete[-1] if resume is True and complete else None
     if isinstance(resume, str):
         resume_dir = Path(resume).expanduser()
-        if not (resume_dir / COMPLETE_MARKER).is_file() and complete_checkpoints(resume_dir):
-            resume_dir = complete_checkpoints(resume_dir)[-1]  # an output directory: its latest checkpoint
+        inside = [] if (resume_dir / COMPLETE_MARKER).is_file() else complete_checkpoints(resume_dir)
+        resume_dir = inside[-1] if inside else resume_dir  # an output directory: its latest checkpoint
     if resume and (resume_dir is None or not (resume_dir / COMPLETE_MARKER).is_file()):
         raise ConfigError(f"--resume: no complete checkpoint at {shown_path(resume_dir or output_dir)}")
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
