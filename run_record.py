@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from packaging.version import Version
@@ -24,9 +26,12 @@ logger = logging.getLogger("train")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy", "pillow")
 
 
-def describe_run(config: dict, phase: str, resumed_from: str | os.PathLike | None = None) -> str:
+def describe_run(
+    config: dict, phase: str, resumed_from: str | os.PathLike | None = None, training_samples: int | None = None
+) -> str:
     """The config as this run read it (defaults filled in, --set applied) as YAML that train.py reads back, headed
-    by what else a rerun needs: the phase, the working directory relative paths start from, the library versions."""
+    by what else a rerun needs: the phase, the working directory relative paths start from, the library versions
+    (and the size of the training set, which a resume compares)."""
     from importlib.metadata import PackageNotFoundError, version
 
     def version_of(package: str) -> str:
@@ -43,14 +48,15 @@ def describe_run(config: dict, phase: str, resumed_from: str | os.PathLike | Non
         "--set checkpoint.output_dir=<a new directory>",
         f"# Relative paths start from {os.getcwd()}.",
         *([f"# Resumed from {resumed_from}."] if resumed_from else []),
+        *([f"# Training samples: {training_samples}."] if training_samples is not None else []),
         f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {version_of(p)}" for p in PACKAGES),
     ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
-def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int], seed: int) -> None:
+def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int], seed: int, phase: str) -> None:
     """Refuse a resume that would lose checkpoints or not continue where the run stopped: later checkpoints in its
-    directory, another global batch (`now`, from trainer.batch_shape) or another seed."""
+    directory, another global batch (`now`, from trainer.batch_shape), another seed or another phase."""
     step = checkpoint_step(resume_dir)
     later = [p.name for p in complete if step is not None and checkpoint_step(p) > step]
     if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
@@ -81,19 +87,49 @@ def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, in
         logger.info(
             "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
         )
-    _check_seed(resume_dir, seed)
-
-
-def _check_seed(checkpoint: Path, seed: int) -> None:
-    """Refuse to resume `checkpoint` with another seed: the rest of its epoch would be drawn from another
-    permutation (samples repeated and others never seen), and the captions and instructions drawn anew. A checkpoint
-    without a readable record (written before records were kept, or edited) is not checked."""
-    try:
-        recorded = yaml.safe_load((checkpoint / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return
-    if isinstance(recorded, dict) and isinstance(recorded.get("seed"), int) and recorded["seed"] != seed:
+    recorded = recorded_run(resume_dir)
+    if recorded.get("phase", phase) != phase:  # e.g. a phase-one output directory given to phase two's --resume
+        hint = "drop --phase_one" if phase == "one" else "add --phase_one and give its phase-one config"
         raise ConfigError(
-            f"--resume {checkpoint}: that run's seed was {recorded['seed']} ({checkpoint / RUN_RECORD}), this one's "
+            f"--resume {resume_dir}: that checkpoint is of a phase-{recorded['phase']} run "
+            f"({resume_dir / RUN_RECORD}), this run is phase {phase}: a run resumes in its own phase ({hint})"
+        )
+    # Another seed: the rest of the epoch would be drawn from another permutation (samples repeated and others never
+    # seen), and the captions and instructions drawn anew.
+    if recorded.get("seed", seed) != seed:
+        raise ConfigError(
+            f"--resume {resume_dir}: that run's seed was {recorded['seed']} ({resume_dir / RUN_RECORD}), this one's "
             f"is {seed}: its data order and caption draws would not continue where it stopped; keep the seed"
         )
+
+
+def check_training_set(resume_dir: Path, samples: int) -> None:
+    """Warn when the training set a resume draws from is not the size the checkpoint's run had: its data files
+    changed, so the rest of the epoch follows another order (a fixed record or two may be the point, so no error)."""
+    before = recorded_run(resume_dir).get("samples")
+    if before is not None and before != samples:
+        logger.warning(
+            "--resume %s: that run's training set had %d samples, this one has %d (its data or data settings changed): "
+            "the rest of the epoch is drawn in another order, so some samples repeat and others are missed",
+            resume_dir,
+            before,
+            samples,
+        )
+
+
+def recorded_run(checkpoint: Path) -> dict[str, Any]:
+    """What a checkpoint's record says of its run: "phase", "seed", "samples", each where it says. A checkpoint
+    without a readable record (written before records were kept, or edited) says nothing, and is not checked."""
+    try:
+        text = (checkpoint / RUN_RECORD).read_text(encoding="utf-8")
+        values = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    found = {}
+    if phase := re.search(r"^# The config of a phase-(one|two) run", text, re.MULTILINE):
+        found["phase"] = phase[1]
+    if samples := re.search(r"^# Training samples: (\d+)\.$", text, re.MULTILINE):
+        found["samples"] = int(samples[1])
+    if isinstance(values, dict) and isinstance(values.get("seed"), int):
+        found["seed"] = values["seed"]
+    return found

@@ -87,7 +87,7 @@ from backbones import CheckpointError, quantize_language_model, use_liger_kernel
 from checkpoint import check_architecture
 from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
 from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
-from run_record import check_resume_point, describe_run
+from run_record import check_resume_point, check_training_set, describe_run
 from trainer import (
     COMPLETE_MARKER,
     EpochDraws,
@@ -245,7 +245,7 @@ def run_training(
         return _run_training(config, phase, output_dir, resume, callbacks)
 
 
-def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
+def _starting_point(config: dict, phase: str, output_dir: Path, resume) -> tuple:
     """The checkpoint to resume (or None), the training set and the val set (or None), before any weight loads."""
     complete = complete_checkpoints(output_dir)
     resume_dir = complete[-1] if resume is True and complete else None
@@ -258,7 +258,7 @@ def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
     if resume:  # TrainingArguments knows the processes (any launcher) and DataParallel's GPUs
         args = training_arguments(config, str(output_dir))
         now = batch_shape(args.world_size, args.train_batch_size, args.gradient_accumulation_steps)
-        check_resume_point(resume_dir, complete, now, config["seed"])
+        check_resume_point(resume_dir, complete, now, config["seed"], phase)
     model_files = [name for name in ("config.json", ADAPTER_FILE) if (output_dir / name).is_file()]
     if model_files and not complete and not resume:  # a finished model, or a backbone's own directory
         raise ConfigError(
@@ -281,12 +281,14 @@ def _starting_point(config: dict, output_dir: Path, resume) -> tuple:
         val_set = make_dataset(data["val"], seed=config["seed"]) if data["val"] else None
     except ValueError as error:
         raise ConfigError(f"{config['path']}: data: {error}") from error
+    if resume_dir is not None:
+        check_training_set(resume_dir, len(train_set))
     return resume_dir, train_set, val_set
 
 
 def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks) -> PhiClipMLLM:
     with same_in_every_process():
-        resume_dir, train_set, val_set = _starting_point(config, output_dir, resume)
+        resume_dir, train_set, val_set = _starting_point(config, phase, output_dir, resume)
     if resume_dir:
         logger.info("resuming from %s", resume_dir)
     started, model = time.time(), build_model(config, phase, resume_dir)
@@ -315,7 +317,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         eval_dataset=val_set,
         data_collator=Collator(model.processor),
         keep_checkpoints=config["training_args"]["save_total_limit"],
-        run_record=describe_run(config, phase, resume_dir),
+        run_record=describe_run(config, phase, resume_dir, len(train_set)),
     )
     processes, per_process = trainer.args.world_size, trainer.args.train_batch_size
     repeated = -len(train_set) % (processes * per_process)

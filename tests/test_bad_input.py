@@ -365,14 +365,18 @@ def test_a_resume_that_changes_the_per_device_batch_is_refused_where_transformer
     checkpoint.mkdir()
     (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 4, **batch_shape(2, 4, 1)}))
     monkeypatch.setattr(run_record, "TRANSFORMERS_VERSION", version)
-    run_record.check_resume_point(checkpoint, [checkpoint], batch_shape(2, 4, 1), seed=0)  # unchanged: always fine
-    run_record.check_resume_point(checkpoint, [checkpoint], batch_shape(1, 4, 2), seed=0)  # accumulation: fine
+    run_record.check_resume_point(
+        checkpoint, [checkpoint], batch_shape(2, 4, 1), seed=0, phase="one"
+    )  # unchanged: always fine
+    run_record.check_resume_point(
+        checkpoint, [checkpoint], batch_shape(1, 4, 2), seed=0, phase="one"
+    )  # accumulation: fine
     one_process = batch_shape(1, 8, 1)  # the same global batch through a larger per-device batch
     if refused:  # 5.0 and 5.1 would train on with the checkpoint's batch_size 4: 1 x 4, not 1 x 8
         with pytest.raises(ConfigError, match=r"transformers 5\.1\.0 resumes with the checkpoint's batch_size \(4\)"):
-            run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
+            run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0, phase="one")
     else:
-        run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0)
+        run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0, phase="one")
 
 
 def test_a_phase_one_model_whose_config_json_has_an_unknown_key_is_named_in_one_line(tmp_path, demo_dir, capsys):
