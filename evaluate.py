@@ -5,7 +5,8 @@
 
 Prints one JSON object: val_loss and perplexity; for captioned images exact_match, bleu1..bleu4 and cider (CIDEr-D,
 as the COCO caption evaluation computes it; caption_tokenizer names the tokenisation it scored); for
-conversations (LLaVA format) answer_accuracy, the exact match of each answered turn given the turns before it. Writes
+conversations (LLaVA format) answer_accuracy, the exact match of each answered turn given the turns before it; and
+how many captions and answers were cut at max_new_tokens (captions_at_max_new_tokens, answers_at_max_new_tokens). Writes
 the generated captions in COCO results format (``[{"image_id": ..., "caption": ...}]``), the answers and the metrics:
 into the checkpoint (captions_SPLIT.json, answers_SPLIT.json, metrics_SPLIT.json), or all beside --output FILE
 (FILE, FILE's name + _answers.json, + _metrics.json).
@@ -95,8 +96,8 @@ import torch
 from tqdm import tqdm
 
 from dataset import SKIPPED, Collator, ConversationDataset, make_dataloader, make_dataset
-from generate import choose_device, generate, load_checkpoint_or_exit
-from model import PhiClipMLLM, loss_per_sample
+from generate import choose_device, load_checkpoint_or_exit
+from model import PhiClipMLLM, generate_ids, loss_per_sample
 from processor import IMAGE_TOKEN, BadImageError, TooLong
 from sources import BadRecordError
 
@@ -249,22 +250,46 @@ def answered_turns(dataset: ConversationDataset, limit: int | None = None) -> li
     return turns
 
 
-def generate_or_skip(model: PhiClipMLLM, prompts: list, images: list, max_new_tokens: int, on_bad_image: str) -> list:
-    """generate() for a batch; with on_bad_image "skip" a prompt whose image cannot be read gets None (and a
-    warning naming the file), as a training batch replaces it; with "error" the BadImageError stands."""
+def generate_or_skip(
+    model: PhiClipMLLM, prompts: list, images: list, max_new_tokens: int, on_bad_image: str
+) -> list[tuple[str, bool] | None]:
+    """Greedy replies for a batch as (text, cut) pairs, cut when the reply reached max_new_tokens before a stop
+    token; with on_bad_image "skip" a prompt whose image cannot be read gets None (and a warning naming the file),
+    as a training batch replaces it; with "error" the BadImageError stands."""
+
+    def replies(prompts: list, images: list) -> list[tuple[str, bool]]:
+        ids = generate_ids(model, prompts, images, max_new_tokens)
+        stopped = torch.isin(ids, torch.tensor(model.processor.stop_token_ids, device=ids.device)).any(dim=1)
+        texts = model.tokenizer.batch_decode(ids, skip_special_tokens=True)  # as generate() decodes
+        return [(text.strip(), not stop) for text, stop in zip(texts, stopped.tolist())]
+
     try:
-        return generate(model, prompts, images, max_new_tokens)
+        return replies(prompts, images)
     except BadImageError:
         if on_bad_image == "error":
             raise
-    replies = []
+    found = []
     for prompt, image in zip(prompts, images):  # one by one, to find the bad ones
         try:
-            replies += generate(model, [prompt], [image], max_new_tokens)
+            found += replies([prompt], [image])
         except BadImageError as error:
             logger.warning("skipping bad image: %s", error)
-            replies.append(None)
-    return replies
+            found.append(None)
+    return found
+
+
+def count_cut(kind: str, cut: int, replies: int, max_new_tokens: int) -> dict[str, int]:
+    """The metric `<kind>_at_max_new_tokens`, and a warning when any reply was cut there."""
+    if cut:
+        logger.warning(
+            "%d of %d %s reached max_new_tokens (%d) before a stop token and were cut there: raise --max_new_tokens, "
+            "or the model has not learned to end its replies",
+            cut,
+            replies,
+            kind,
+            max_new_tokens,
+        )
+    return {f"{kind}_at_max_new_tokens": cut}
 
 
 def answer_accuracy(
@@ -287,7 +312,7 @@ def answer_accuracy(
             "%d answer turn(s) not answered: the conversation before them is longer than max_length",
             len(turns) - len(fitting),
         )
-    too_long, turns, answers, bad = len(turns) - len(fitting), fitting, [], 0
+    too_long, turns, answers, bad, cut = len(turns) - len(fitting), fitting, [], 0, 0
     for start in tqdm(range(0, len(turns), batch_size), desc="answers", leave=False, disable=None):
         chunk = turns[start : start + batch_size]
         prompts, images = [t["history"] for t in chunk], [t["images"] for t in chunk]
@@ -296,6 +321,8 @@ def answer_accuracy(
             if reply is None:
                 bad += 1
                 continue
+            reply, reply_cut = reply
+            cut += reply_cut
             answers.append(
                 {
                     "id": turn["id"],
@@ -308,6 +335,7 @@ def answer_accuracy(
             )
     correct = sum(answer["correct"] for answer in answers)
     metrics = {"answer_accuracy": correct / max(len(answers), 1), "answered_turns": len(answers)}
+    metrics |= count_cut("answers", cut, len(answers), max_new_tokens)
     metrics |= {"answer_turns_too_long": too_long} if too_long else {}
     return metrics | ({"answer_turns_bad_image": bad} if bad else {}), answers
 
@@ -336,15 +364,17 @@ def evaluate(
     metrics = validation_loss(model, dataset.subset(captioned + talks[:limit]), batch_size, num_workers)
     results: dict[str, list[dict]] = {"captions": [], "answers": []}
     if ids:
-        predictions = {}
+        predictions, cut = {}, 0
         for start in tqdm(range(0, len(ids), batch_size), desc="captions", leave=False, disable=None):
             chunk = ids[start : start + batch_size]
             prompts, images = [queries[k][0] for k in chunk], [queries[k][1] for k in chunk]
-            texts = generate_or_skip(model, prompts, images, max_new_tokens, dataset.on_bad_image)
-            predictions.update((k, text) for k, text in zip(chunk, texts) if text is not None)
+            replies = generate_or_skip(model, prompts, images, max_new_tokens, dataset.on_bad_image)
+            predictions.update((k, reply[0]) for k, reply in zip(chunk, replies) if reply is not None)
+            cut += sum(reply[1] for reply in replies if reply is not None)
         if predictions:  # none when every image is bad
             metrics.update(caption_scores(predictions, {k: references[k] for k in predictions}, caption_tokenizer))
         metrics["images"] = len(predictions)
+        metrics |= count_cut("captions", cut, len(predictions), max_new_tokens)
         if len(predictions) < len(ids):
             metrics["bad_images"] = len(ids) - len(predictions)
         # COCO results format; with several caption files the file too, as their image ids may repeat

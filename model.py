@@ -383,7 +383,6 @@ def _compiled_when_training(eager: Callable, compiled: Callable) -> Callable:
     return forward
 
 
-@torch.no_grad()
 def generate(
     model: PhiClipMLLM,
     prompts: str | list[str] | list[list[dict]],
@@ -398,19 +397,52 @@ def generate(
     streamer: Any = None,
     **generate_kwargs: Any,
 ) -> list[str]:
-    """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training.
+    """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training: generate_ids' replies
+    as text (its docstring says how)."""
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "do_sample": do_sample}
+    new_ids = generate_ids(
+        model,
+        prompts,
+        images,
+        max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_return_sequences,
+        streamer=streamer,
+        **sampling,
+        **generate_kwargs,
+    )
+    return [text.strip() for text in model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PhiClipMLLM,
+    prompts: str | list[str] | list[list[dict]],
+    images: Any = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    num_return_sequences: int = 1,
+    streamer: Any = None,
+    **generate_kwargs: Any,
+) -> torch.Tensor:
+    """The token ids of a reply per prompt (x num_return_sequences), prompted exactly as in training: one row each,
+    pad ids after a reply's stop token; a row without one reached max_new_tokens. generate() decodes them.
 
     `images`: paths, PIL images or HxWxC uint8 arrays, one per prompt (or a list per prompt). Batched with left
     padding; the LM's own `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
     Other keywords (num_beams, min_new_tokens, length_penalty, ...) go to that `generate` as they are.
     A prompt may also be a whole conversation, a list of {"role", "content"} turns (as multi-turn training data).
-    No prompts, no replies: an empty list gives [].
+    No prompts, no replies: an empty list gives none.
     """
     if isinstance(prompts, (list, tuple)) and not prompts:  # an empty batch (a filter kept nothing) is no error
         given = 0 if images is None else len(images) if isinstance(images, (list, tuple)) else 1
         if given:
             raise ValueError(f"0 prompts but {given} images: give one image (or list) per prompt")
-        return []
+        return torch.empty(0, 0, dtype=torch.long)
     taken = sorted(
         {"inputs_embeds", "input_ids", "attention_mask", "eos_token_id", "pad_token_id"} & set(generate_kwargs)
     )
@@ -461,5 +493,4 @@ def generate(
     finally:
         for module, training in modes:
             module.training = training
-    new_ids = output_ids[:, input_ids.shape[1] :]
-    return [text.strip() for text in model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+    return output_ids[:, input_ids.shape[1] :]
