@@ -411,7 +411,8 @@ def generate(
         **sampling,
         **generate_kwargs,
     )
-    return [text.strip() for text in model.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+    texts = model.tokenizer.batch_decode(new_ids, skip_special_tokens=True) if len(new_ids) else []  # 5.0: [""]
+    return [text.strip() for text in texts]
 
 
 @torch.no_grad()

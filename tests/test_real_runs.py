@@ -403,10 +403,9 @@ def test_07_resume_refuses_a_checkpoint_of_the_other_phase(tmp_path, demo_dir, p
     two = phase_two_config(demo_dir, phase_one_dir, tmp_path / "p2")
     status = train.main(["--config", str(write(tmp_path / "two.yaml", two)), "--resume", str(checkpoint)])
     assert status == 2
-    assert (
-        "has LoRA on neither backbone, but this phase-two config trains LoRA on the text model"
-        in capsys.readouterr().err
-    )
+    error = capsys.readouterr().err  # refused before any weight loads, by what the checkpoint's record says
+    assert f"--resume {checkpoint}: that checkpoint is of a phase-one run" in error and "this run is phase two" in error
+    assert len(error.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------- 8. model section

@@ -10,7 +10,7 @@ import pytest
 import transformers
 from conftest import ROOT
 from safetensors.torch import load_file
-from test_train import phase_two_config, tiny_config, write
+from test_train import tiny_config, write
 from transformers import TrainerCallback
 
 import train
@@ -40,9 +40,7 @@ def test_the_output_directory_alone_reruns_the_same_run(tmp_path, demo_dir):
     assert not any(first[k].equal(seed4[k]) for k in first)  # the seed initialises the adapter
 
 
-def test_a_resume_with_another_seed_or_phase_is_refused_and_another_training_set_warned_of(
-    tmp_path, demo_dir, capsys, caplog
-):
+def test_a_resume_with_another_seed_is_refused_and_another_training_set_warned_of(tmp_path, demo_dir, capsys, caplog):
     config = tiny_config(demo_dir, tmp_path / "p1")
     config["training_args"].update(max_steps=2, save_steps=2, eval_steps=None)
     path = write(tmp_path / "one.yaml", config)
@@ -54,12 +52,7 @@ def test_a_resume_with_another_seed_or_phase_is_refused_and_another_training_set
     assert error.startswith(f"error: --resume {tmp_path / 'p1' / 'checkpoint-2'}: that run's seed was 3") and (
         "this one's is 4" in error and len(error.splitlines()) == 1
     )
-    # phase two given phase one's output directory to resume (its load_dir, say) instead of starting from it
-    two = write(tmp_path / "two.yaml", phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2"))
-    assert train.main(["--config", str(two), "--resume", str(tmp_path / "p1")]) == 2
-    error = capsys.readouterr().err
-    assert "that checkpoint is of a phase-one run" in error and "this run is phase two" in error, error
-    assert len(error.splitlines()) == 1
+    # the other phase's checkpoint: test_real_runs.test_07
     caplog.set_level(logging.WARNING, logger="train")
     assert train.main([*resume, "--set", "data.train.max_samples=16"]) == 0  # another training set: a warning
     assert "that run's training set had 64 samples, this one has 16" in caplog.text
