@@ -57,6 +57,19 @@ def describe_run(
 def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int], seed: int, phase: str) -> None:
     """Refuse a resume that would lose checkpoints or not continue where the run stopped: later checkpoints in its
     directory, another global batch (`now`, from trainer.batch_shape), another seed or another phase."""
+    # The phase first: another phase's checkpoint differs in more than its batch or later checkpoints.
+    recorded = recorded_run(resume_dir)
+    if recorded.get("phase", phase) != phase:  # e.g. a phase-one output directory given to phase two's --resume
+        hint = (
+            "to continue it, drop --phase_one and give its phase-two config"
+            if phase == "one"
+            else "to continue it, add --phase_one and give its phase-one config; to start phase two from a "
+            "phase-one model, give its output directory as checkpoint.load_dir, without --resume"
+        )
+        raise ConfigError(
+            f"--resume {resume_dir}: that checkpoint is of a phase-{recorded['phase']} run "
+            f"({resume_dir / RUN_RECORD}), this run is phase {phase}: a run resumes in its own phase ({hint})"
+        )
     step = checkpoint_step(resume_dir)
     later = [p.name for p in complete if step is not None and checkpoint_step(p) > step]
     if later:  # rotation keeps the highest steps: the resumed run's own checkpoints would be deleted as written
@@ -88,12 +101,6 @@ def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, in
             "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
         )
     recorded = recorded_run(resume_dir)
-    if recorded.get("phase", phase) != phase:  # e.g. a phase-one output directory given to phase two's --resume
-        hint = "drop --phase_one" if phase == "one" else "add --phase_one and give its phase-one config"
-        raise ConfigError(
-            f"--resume {resume_dir}: that checkpoint is of a phase-{recorded['phase']} run "
-            f"({resume_dir / RUN_RECORD}), this run is phase {phase}: a run resumes in its own phase ({hint})"
-        )
     # Another seed: the rest of the epoch would be drawn from another permutation (samples repeated and others never
     # seen), and the captions and instructions drawn anew.
     if recorded.get("seed", seed) != seed:

@@ -379,6 +379,25 @@ def test_a_resume_that_changes_the_per_device_batch_is_refused_where_transformer
         run_record.check_resume_point(checkpoint, [checkpoint], one_process, seed=0, phase="one")
 
 
+def test_a_resume_in_the_other_phase_is_refused_for_its_phase_before_its_batch_or_later_checkpoints(tmp_path):
+    import run_record
+    from trainer import COMPLETE_MARKER, batch_shape
+
+    checkpoints = [tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"]
+    for step, checkpoint in zip((2, 4), checkpoints):
+        checkpoint.mkdir()
+        (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": step, **batch_shape(1, 32, 1)}))
+        record = run_record.describe_run({"path": "one.yaml", "seed": 0}, "one", training_samples=64)
+        (checkpoint / run_record.RUN_RECORD).write_text(record)
+    # phase two's usual batch is not phase one's, and the checkpoint given is not the latest
+    with pytest.raises(ConfigError, match=r"is of a phase-one run .* this run is phase two: .*checkpoint\.load_dir"):
+        run_record.check_resume_point(checkpoints[0], checkpoints, batch_shape(1, 16, 1), seed=0, phase="two")
+    assert run_record.recorded_run(checkpoints[0]) == {"phase": "one", "samples": 64, "seed": 0}
+    (checkpoints[0] / run_record.RUN_RECORD).write_text("seed: 0\n")  # an older or hand-written record: unchecked
+    with pytest.raises(ConfigError, match="global batch"):
+        run_record.check_resume_point(checkpoints[0], checkpoints[:1], batch_shape(1, 16, 1), seed=0, phase="two")
+
+
 def test_a_phase_one_model_whose_config_json_has_an_unknown_key_is_named_in_one_line(tmp_path, demo_dir, capsys):
     one = tiny_config(demo_dir, tmp_path / "p1")
     one["training_args"].update(max_steps=1, save_steps=1, eval_steps=None)
