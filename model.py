@@ -431,7 +431,8 @@ def generate_ids(
     **generate_kwargs: Any,
 ) -> torch.Tensor:
     """The token ids of a reply per prompt (x num_return_sequences), prompted exactly as in training: one row each,
-    pad ids after a reply's stop token; a row without one reached max_new_tokens. generate() decodes them.
+    pad ids after a reply's stop token; a row without one reached max_new_tokens (or was ended by a stop_strings,
+    max_time or stopping_criteria keyword). generate() decodes them.
 
     `images`: paths, PIL images or HxWxC uint8 arrays, one per prompt (or a list per prompt). Batched with left
     padding; the LM's own `generate` runs on the embeddings with its KV cache and stops at <|end|> / <|endoftext|>.
@@ -453,8 +454,8 @@ def generate_ids(
         )
     if generate_kwargs.get("return_dict_in_generate"):
         raise ValueError(
-            "generate(): return_dict_in_generate is not supported: this returns the replies' text; for scores, call "
-            "model.text_model.generate(inputs_embeds=model.embed(...), ...) yourself"
+            "generate(): return_dict_in_generate is not supported: this returns the replies' text (generate_ids: "
+            "their ids); for scores, call model.text_model.generate(inputs_embeds=model.embed(...), ...) yourself"
         )
     if isinstance(prompts, (list, tuple)) and isinstance(prompts[0], dict):  # one conversation, not a list of them
         prompts = [prompts]
