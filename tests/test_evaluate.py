@@ -213,8 +213,11 @@ def test_evaluate_on_a_mixed_demo_split(make_model, tmp_path):
     assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["answer_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("says, cut", [("<|end|>", 0), ("red", 4)])
-def test_replies_that_reach_max_new_tokens_before_a_stop_token_are_counted(make_model, demo_dir, caplog, says, cut):
+# max_new_tokens 1 with <|end|>: a reply whose stop token is its last allowed token was not cut
+@pytest.mark.parametrize("says, max_new_tokens, cut", [("<|end|>", 3, 0), ("<|end|>", 1, 0), ("red", 3, 4)])
+def test_replies_that_reach_max_new_tokens_before_a_stop_token_are_counted(
+    make_model, demo_dir, caplog, says, max_new_tokens, cut
+):
     sources = [("coco", "captions_val.json"), ("llava", "conversations_val.json")]
     images = str(demo_dir / "images")
     dataset = make_dataset(
@@ -228,11 +231,13 @@ def test_replies_that_reach_max_new_tokens_before_a_stop_token_are_counted(make_
     with torch.no_grad():
         head.bias[token] = 1.0
     model.text_model.lm_head = head
-    metrics, results = evaluate(model, dataset, limit=4, batch_size=4, max_new_tokens=3)
+    metrics, results = evaluate(model, dataset, limit=4, batch_size=4, max_new_tokens=max_new_tokens)
     assert metrics["images"] == 4 and metrics["answered_turns"] == 12  # 4 conversations x 3 questions
     assert (metrics["captions_at_max_new_tokens"], metrics["answers_at_max_new_tokens"]) == (cut, 3 * cut)
     assert ("before a stop token and were cut there" in caplog.text) == bool(cut)
-    assert {reply["caption"] for reply in results["captions"]} == {model.tokenizer.decode([token] * 3 if cut else [])}
+    assert {reply["caption"] for reply in results["captions"]} == {
+        model.tokenizer.decode([token] * max_new_tokens if cut else [])
+    }
 
 
 def test_evaluate_cli_reports_answer_accuracy_per_turn_on_a_llava_file(make_model, tmp_path, capsys):
