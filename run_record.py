@@ -100,7 +100,6 @@ def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, in
         logger.info(
             "resuming with %s instead of %s: the same global batch, each process's RNG starts afresh", now, saved
         )
-    recorded = recorded_run(resume_dir)
     # Another seed: the rest of the epoch would be drawn from another permutation (samples repeated and others never
     # seen), and the captions and instructions drawn anew.
     if recorded.get("seed", seed) != seed:
