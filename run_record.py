@@ -125,12 +125,16 @@ def check_training_set(resume_dir: Path, samples: int) -> None:
 
 def recorded_run(checkpoint: Path) -> dict[str, Any]:
     """What a checkpoint's record says of its run: "phase", "seed", "samples", each where it says. A checkpoint
-    without a readable record (written before records were kept, or edited) says nothing, and is not checked."""
+    without a record (written before records were kept) says nothing, and is not checked; one whose YAML was broken
+    by hand still says what its header lines say."""
     try:
         text = (checkpoint / RUN_RECORD).read_text(encoding="utf-8")
-        values = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError):
         return {}
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError:
+        values = None
     found = {}
     if phase := re.search(r"^# The config of a phase-(one|two) run", text, re.MULTILINE):
         found["phase"] = phase[1]

@@ -393,6 +393,9 @@ def test_a_resume_in_the_other_phase_is_refused_for_its_phase_before_its_batch_o
     with pytest.raises(ConfigError, match=r"is of a phase-one run .* this run is phase two: .*checkpoint\.load_dir"):
         run_record.check_resume_point(checkpoints[0], checkpoints, batch_shape(1, 16, 1), seed=0, phase="two")
     assert run_record.recorded_run(checkpoints[0]) == {"phase": "one", "samples": 64, "seed": 0}
+    broken = (checkpoints[1] / run_record.RUN_RECORD).read_text() + "seed: [\n"  # YAML broken by hand
+    (checkpoints[1] / run_record.RUN_RECORD).write_text(broken)
+    assert run_record.recorded_run(checkpoints[1]) == {"phase": "one", "samples": 64}  # its header still says
     (checkpoints[0] / run_record.RUN_RECORD).write_text("seed: 0\n")  # an older or hand-written record: unchecked
     with pytest.raises(ConfigError, match="global batch"):
         run_record.check_resume_point(checkpoints[0], checkpoints[:1], batch_shape(1, 16, 1), seed=0, phase="two")
