@@ -31,7 +31,8 @@ def command_line() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     command_line().parse_args(sys.argv[1:])  # --help and bad arguments answer here, before numpy and torch load
 
-import json  # the heavy imports follow the early argument check above
+import hashlib  # the heavy imports follow the early argument check above
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,7 @@ DEMO_SIDES = ("left", "right")
 DEMO_IMAGE_SIZE = 64
 DEMO_VAL_IMAGES = 300
 DEMO_VAL_CONVERSATIONS = 200
+DEMO_STAMP = "made_by.txt"  # what made a demo set (demo_stamp), written last: a set without it is incomplete
 # question kind -> (phrasings, the answers it can have), in the caption's words. The side is always asked first,
 # next to the image: the tiny 2-layer LM reads where a shape is by how far back the image is (as it does in captions),
 # while colour and shape it reads from the image's content at any distance.
@@ -137,8 +139,9 @@ def make_demo(out: str | os.PathLike, n: int = 2400, seed: int = 0, conversation
             f"--conversations must be between {DEMO_VAL_CONVERSATIONS + 1} and {DEMO_VAL_CONVERSATIONS + splits['train']} "
             f"(val has {DEMO_VAL_CONVERSATIONS}; train at most one per training image)"
         )
-    rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / DEMO_STAMP).unlink(missing_ok=True)  # a set rewritten only in part is no set
+    rng = np.random.default_rng(seed)
     image_id = 0
     for split, count in splits.items():
         labels = [captions[i % len(captions)] for i in range(count)]
@@ -162,12 +165,27 @@ def make_demo(out: str | os.PathLike, n: int = 2400, seed: int = 0, conversation
     texts = chat + [f"{c}<|end|>\n<|endoftext|>" for c in captions] * 5
     texts += [f"<|user|>\n{q}<|end|>\n<|assistant|>\n" for q in questions] + [f"{a}<|end|>\n" for a in answers] * 5
     build_word_tokenizer(texts).save_pretrained(out / "tokenizer")
+    (out / DEMO_STAMP).write_text(demo_stamp(n, seed, conversations), encoding="utf-8")  # last: the set is whole
     return {
         **splits,
         **{f"conversations_{split}": count for split, count in talks.items()},
         "distinct_captions": len(captions),
         "chance_level": 1 / len(captions),
     }
+
+
+def demo_stamp(n: int = 2400, seed: int = 0, conversations: int = 1600) -> str:
+    """What a demo set's files follow from: this file's code and make_demo's arguments. make_demo writes it into
+    the set last (DEMO_STAMP); a set made by another shapes.py has other images or captions than the README's
+    figures were measured on."""
+    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    return f"shapes.py sha256 {code}, n {n}, seed {seed}, conversations {conversations}\n"
+
+
+def demo_is_current(out: str | os.PathLike) -> bool:
+    """Whether `out` holds the whole default demo set as this shapes.py makes it (--demo makes it again if not)."""
+    stamp = Path(out) / DEMO_STAMP
+    return stamp.is_file() and stamp.read_text(encoding="utf-8") == demo_stamp()
 
 
 def _conversations(images: list[dict], labels: list[str], training: bool, rng: np.random.Generator) -> list[dict]:

@@ -347,13 +347,14 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
 
 # --------------------------------------------------------------------------------------------------------- demo
 def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
-    """make-demo (if absent), phase one (tiny.yaml: captions), phase two (tiny_p2.yaml: captions + conversations).
+    """make-demo (unless data/demo holds this shapes.py's whole set), phase one (tiny.yaml: captions), phase two
+    (tiny_p2.yaml: captions + conversations).
 
     On held-out images: greedy caption exact match after each phase, and answer accuracy (each answered turn of a
     conversation, given the turns before it) after phase two, each beside its chance level.
     """
     from evaluate import answered_turns, evaluate
-    from shapes import demo_captions, demo_chance, make_demo
+    from shapes import demo_captions, demo_chance, demo_is_current, make_demo
 
     moved = [o for o in overrides if o.split("=", 1)[0].strip().startswith("checkpoint.")]
     if moved:  # one --set serves both phases: phase two would write over phase one, or load an older model
@@ -371,7 +372,7 @@ def run_demo(overrides: list[str] | tuple = ()) -> dict[str, float]:
     os.chdir(root)  # the tiny configs' paths are relative to the repository root
     try:  # the caller's working directory and threads are its own again afterwards (a notebook)
         figures, started = {}, time.time()
-        if not Path("data/demo/conversations_val.json").is_file():
+        if not demo_is_current("data/demo"):  # absent, cut short, or made by an older shapes.py: figures differ
             make_demo("data/demo")
         figures["make-demo s"] = time.time() - started
         for phase, name in (("one", "tiny.yaml"), ("two", "tiny_p2.yaml")):

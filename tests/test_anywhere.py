@@ -83,6 +83,20 @@ def test_the_demo_refuses_an_installed_copy_before_writing_anything(tmp_path, mo
     assert Path.cwd() == work and not any(installed.iterdir()) and not any(work.iterdir())
 
 
+@pytest.mark.parametrize("current", [True, False])
+def test_the_demo_makes_its_set_again_unless_it_is_this_shapes_pys(monkeypatch, current):
+    def stop(*args, **kwargs):
+        raise ConfigError("stopped before training")
+
+    made = []
+    monkeypatch.setattr(shapes, "demo_is_current", lambda out: current)
+    monkeypatch.setattr(shapes, "make_demo", lambda out, **kwargs: made.append(out))  # no data written into the clone
+    monkeypatch.setattr(train, "load_config", stop)
+    with pytest.raises(ConfigError, match="stopped before training"):
+        train.run_demo()
+    assert made == ([] if current else ["data/demo"])
+
+
 def test_the_demo_gives_back_the_working_directory_and_threads_when_it_stops(tmp_path, monkeypatch):
     def stop(*args, **kwargs):
         assert Path.cwd() == Path(train.__file__).resolve().parent  # the demo configs' paths are the clone's

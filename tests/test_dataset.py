@@ -491,6 +491,27 @@ def test_one_caption_per_image_varies_across_epochs():
 # ----------------------------------------------------------------------------------------------- demo set
 
 
+def test_a_demo_set_says_what_made_it_so_that_a_stale_or_cut_set_is_made_again(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    assert not shapes.demo_is_current(out)
+    shapes.make_demo(out)  # the default set, as --demo makes it
+    assert shapes.demo_is_current(out)
+    stamp = (out / shapes.DEMO_STAMP).read_text()
+    (out / shapes.DEMO_STAMP).write_text(stamp.replace("sha256 ", "sha256 0"))  # made by another shapes.py
+    assert not shapes.demo_is_current(out)
+    shapes.make_demo(out, n=340, conversations=240)
+    assert not shapes.demo_is_current(out)  # not the set --demo trains on
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, "build_word_tokenizer", cut)  # stopped after the images and captions
+    (out / shapes.DEMO_STAMP).write_text(stamp)
+    with pytest.raises(KeyboardInterrupt):
+        shapes.make_demo(out)
+    assert not shapes.demo_is_current(out)
+
+
 def test_make_demo_is_deterministic_and_balanced(tmp_path, demo_dir, capsys):
     shapes.main(["--out", str(tmp_path / "same"), "--n", "340", "--conversations", "240", "--seed", "0"])
     assert "chance level 1/40" in capsys.readouterr().out
