@@ -447,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 phase = "one" if args.phase_one else "two"
                 with same_in_every_process():
-                    config = load_config(args.config, overrides, phase=phase, check_paths=not args.dry_run)
+                    config = load_config(
+                        args.config, overrides, phase=phase, check_paths=not args.dry_run, resuming=bool(args.resume)
+                    )
                 if args.dry_run:
                     from dry_run import dry_run
 

@@ -124,6 +124,7 @@ def load_config(
     phase: str | None = None,
     check_paths: bool = True,
     splits: tuple[str, ...] = ("train", "val"),
+    resuming: bool = False,
 ) -> dict[str, Any]:
     """Read, override (`key.sub=value`, YAML-typed) and validate a training config.
 
@@ -132,7 +133,8 @@ def load_config(
     those are used. `model` holds only the keys the file gives (PhiClipConfig.from_dict accepts it). Paths: `~` and
     $VARIABLES expanded, relative ones read from the working directory (local model paths stored absolute). `phase`
     ("one"/"two"/None) adds that phase's checks, `splits` names the splits whose files must exist, and
-    `check_paths=False` checks neither files nor bitsandbytes (dry runs plan on any machine). Raises ConfigError.
+    `check_paths=False` checks neither files nor bitsandbytes (dry runs plan on any machine); `resuming` does not
+    need phase two's load_dir (a resume loads its checkpoint). Raises ConfigError.
     """
     path = Path(path)
     if not path.is_file():
@@ -169,7 +171,7 @@ def load_config(
     config = _validate(raw, SCHEMA, path, "")
     config["path"] = str(path)
     _expand_paths(config)
-    _check_semantics(config, path, phase, check_paths, splits)
+    _check_semantics(config, path, phase, check_paths, splits, resuming)
     return config
 
 
@@ -233,7 +235,9 @@ def _validate(values: dict, schema: dict, path: Path, where: str) -> dict:
     return result
 
 
-def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: bool, splits: tuple) -> None:
+def _check_semantics(
+    config: dict, path: Path, phase: str | None, check_paths: bool, splits: tuple, resuming: bool
+) -> None:
     def require(condition: Any, message: str) -> None:
         if not condition:
             raise ConfigError(f"{path}: {message}")
@@ -318,7 +322,7 @@ def _check_semantics(config: dict, path: Path, phase: str | None, check_paths: b
             Path(ckpt["load_dir"]).resolve() != Path(ckpt["output_dir"]).resolve(),
             "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
         )
-        problem = checkpoint_problem(ckpt["load_dir"]) if check_paths else None
+        problem = checkpoint_problem(ckpt["load_dir"]) if check_paths and not resuming else None
         first = (
             "; run phase one first (python train.py --phase_one --config ...)" if problem == "no such directory" else ""
         )

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -453,11 +454,13 @@ def test_09_what_peft_trains_besides_lora_trains_on_after_resume_and_in_a_contin
     tmp_path, demo_dir, phase_one_dir, caplog, capsys
 ):
     caplog.set_level(logging.INFO, logger="train")
-    two = phase_two_config(demo_dir, phase_one_dir, tmp_path / "p2", max_steps=2, save_steps=1, eval_steps=None)
+    shutil.copytree(phase_one_dir, tmp_path / "p1")
+    two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=2, save_steps=1, eval_steps=None)
     two["peft_vision"] = dict(two["peft_vision"], bias="all")  # biases train too: their names hold no "lora_"
     two["peft_text"] = dict(two["peft_text"], modules_to_save=["lm_head"])  # a trained copy of the output layer
     path = write(tmp_path / "two.yaml", two)
     assert train.main(["--config", str(path)]) == 0
+    shutil.rmtree(tmp_path / "p1")  # phase one's model gone (or left on another machine): a resume needs only its own
     assert train.main(["--config", str(path), "--resume", "--max_steps", "3"]) == 0
     again = phase_two_config(demo_dir, tmp_path / "p2", tmp_path / "p3", max_steps=1, eval_steps=None)
     again.update(peft_text=two["peft_text"], peft_vision=two["peft_vision"])
