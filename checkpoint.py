@@ -126,7 +126,7 @@ def load_checkpoint(
         raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
     stored = read_config_file(path / "config.json", "PhiClipMLLM")
     recorded_tokenizer = stored.get("tokenizer") or stored.get("text_model")
-    if runtime.get("tokenizer") not in (None, recorded_tokenizer):
+    if runtime.get("tokenizer") is not None and not same_source(runtime["tokenizer"], recorded_tokenizer):
         raise ValueError(
             f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
             f"({recorded_tokenizer!r}); load without it"
@@ -187,7 +187,8 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
     except (TypeError, ValueError) as error:  # an unknown or mistyped key: the file is at fault, not the YAML
         raise CheckpointError(str(error)) from None
     tokenizer = stored.tokenizer or stored.text_model
-    if model_section.get("tokenizer") not in (None, tokenizer):  # the checkpoint keeps (and loads) its own copy
+    given = model_section.get("tokenizer")
+    if given is not None and not same_source(given, tokenizer):  # the checkpoint keeps (and loads) its own copy
         raise ConfigError(
             f"model.tokenizer is {model_section['tokenizer']!r} in the config but {tokenizer!r} in "
             f"{checkpoint / 'config.json'}: a loaded model keeps the tokenizer its embeddings were trained with "
@@ -203,8 +204,23 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
             if layers is None:
                 continue  # the tower's depth is not known offline: nothing to compare against
             wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
+        if key in ("text_model", "vision_model") and same_source(wanted, found):
+            continue
         if wanted != found:
             raise ConfigError(
                 f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, the model "
                 f"being loaded: a loaded model keeps its architecture (delete the key, or set it to {shown!r})"
             )
+
+
+def same_source(given: Any, stored: Any) -> bool:
+    """Whether a backbone or tokenizer named in a config is the one a checkpoint's config.json names: the same hub
+    id or inline config, or the same local directory however spelt. Checkpoints written before 2026-11-28 store a
+    local path as their YAML spelt it (`data/demo/tokenizer`), relative to the working directory, as a YAML's is;
+    later ones store it absolute and resolved (symlinks followed), as train.py reads a YAML's."""
+    if given == stored:
+        return True
+    if not (isinstance(given, str) and isinstance(stored, str)):
+        return False
+    given_path, stored_path = Path(given).expanduser(), Path(stored).expanduser()
+    return given_path.exists() and stored_path.exists() and given_path.resolve() == stored_path.resolve()

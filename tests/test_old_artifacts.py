@@ -1,0 +1,42 @@
+"""Artifacts written by earlier versions of this project (checkpoints, run records), read by this one: used as they
+were meant, or refused in one line that says what to do. Each test writes what the earlier version wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import tiny_config, write
+
+import train
+from model import PhiClipMLLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_checkpoint_that_records_its_tokenizer_relative_resumes(tmp_path, demo_dir, monkeypatch):
+    # Before 2026-11-28 config.json kept a local tokenizer path as the YAML spelt it (tiny.yaml's data/demo/tokenizer);
+    # the YAML's is now read as an absolute path, and the two were compared as strings: resume refused, saying
+    # "delete the key", which an inline text model cannot do without.
+    config = tiny_config(demo_dir, tmp_path / "p1", training_args={"eval_steps": None})
+    path = write(tmp_path / "one.yaml", config)
+    assert train.main(["--phase_one", "--config", str(path)]) == 0
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "p1" / "checkpoint-2", killed / "checkpoint-2")
+    stored = json.loads((killed / "checkpoint-2" / "config.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    stored["tokenizer"] = os.path.relpath(demo_dir / "tokenizer")  # as that version wrote it
+    (killed / "checkpoint-2" / "config.json").write_text(json.dumps(stored))
+    config["checkpoint"]["output_dir"] = str(killed)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "again.yaml", config)), "--resume"]) == 0
+    resumed, uninterrupted = (
+        load_file(killed / "adapter.safetensors"),
+        load_file(tmp_path / "p1" / "adapter.safetensors"),
+    )
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+    # from_pretrained takes the same tokenizer however spelt, as train.py does
+    PhiClipMLLM.from_pretrained(killed / "checkpoint-2", tokenizer=str(demo_dir / "tokenizer"))
