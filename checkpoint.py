@@ -126,7 +126,7 @@ def load_checkpoint(
         raise ValueError(f"from_pretrained: {unknown} are not runtime settings {PhiClipConfig.RUNTIME_KEYS}")
     stored = read_config_file(path / "config.json", "PhiClipMLLM")
     recorded_tokenizer = stored.get("tokenizer") or stored.get("text_model")
-    if runtime.get("tokenizer") is not None and not same_source(runtime["tokenizer"], recorded_tokenizer):
+    if runtime.get("tokenizer") is not None and not same_tokenizer(runtime["tokenizer"], recorded_tokenizer, path):
         raise ValueError(
             f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
             f"({recorded_tokenizer!r}); load without it"
@@ -188,11 +188,11 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
         raise CheckpointError(str(error)) from None
     tokenizer = stored.tokenizer or stored.text_model
     given = model_section.get("tokenizer")
-    if given is not None and not same_source(given, tokenizer):  # the checkpoint keeps (and loads) its own copy
+    if given is not None and not same_tokenizer(given, tokenizer, checkpoint):  # the checkpoint loads its own copy
         raise ConfigError(
             f"model.tokenizer is {model_section['tokenizer']!r} in the config but {tokenizer!r} in "
             f"{checkpoint / 'config.json'}: a loaded model keeps the tokenizer its embeddings were trained with "
-            "(delete the key)"
+            "(delete the key, or name a directory that holds the same tokenizer)"
         )
     for key in PhiClipConfig.ARCHITECTURE_KEYS:
         if key not in model_section:
@@ -224,3 +224,21 @@ def same_source(given: Any, stored: Any) -> bool:
         return False
     given_path, stored_path = Path(given).expanduser(), Path(stored).expanduser()
     return given_path.exists() and stored_path.exists() and given_path.resolve() == stored_path.resolve()
+
+
+def same_tokenizer(given: Any, stored: Any, checkpoint: Path) -> bool:
+    """Whether `given` (a config's tokenizer) is the one `checkpoint` keeps: named alike (same_source), or a local
+    directory with the same vocabulary and special tokens as the checkpoint's own copy. The second case is a run moved
+    to another machine (its recorded directory is not there) or a local copy of a hub tokenizer."""
+    if same_source(given, stored):
+        return True
+    if not (isinstance(given, str) and Path(given).expanduser().is_dir()):
+        return False
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_loading():
+            mine, kept = (AutoTokenizer.from_pretrained(str(p)) for p in (Path(given).expanduser(), checkpoint))
+    except (OSError, ValueError):
+        return False  # the refusal that follows names both
+    return mine.get_vocab() == kept.get_vocab() and mine.all_special_tokens == kept.all_special_tokens

@@ -1,5 +1,6 @@
-"""Artifacts written by earlier versions of this project (checkpoints, run records), read by this one: used as they
-were meant, or refused in one line that says what to do. Each test writes what the earlier version wrote."""
+"""Artifacts written by earlier versions of this project (checkpoints, run records) or on another machine, read by
+this one: used as they were meant, or refused in one line that says what to do. Each test writes what the earlier
+version or the other machine wrote."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import tiny_config, write
+from transformers import AutoTokenizer
 
 import train
 from model import PhiClipMLLM
@@ -40,3 +42,25 @@ def test_a_checkpoint_that_records_its_tokenizer_relative_resumes(tmp_path, demo
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
     # from_pretrained takes the same tokenizer however spelt, as train.py does
     PhiClipMLLM.from_pretrained(killed / "checkpoint-2", tokenizer=str(demo_dir / "tokenizer"))
+
+
+def test_a_run_moved_to_another_machine_resumes_with_its_tokenizer_where_it_now_lies(tmp_path, demo_dir, capsys):
+    # config.json records a local tokenizer by its absolute path, which another machine need not have: the YAML names
+    # where it lies there, and the two are the same tokenizer by content. Another tokenizer is still refused.
+    config = tiny_config(demo_dir, tmp_path / "p1", training_args={"eval_steps": None})
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config))]) == 0
+    stored = json.loads((tmp_path / "p1" / "checkpoint-2" / "config.json").read_text())
+    stored["tokenizer"] = "/home/someone/gone/tokenizer"  # as the first machine wrote it
+    (tmp_path / "p1" / "checkpoint-2" / "config.json").write_text(json.dumps(stored))
+    shutil.rmtree(tmp_path / "p1" / "checkpoint-4")
+
+    other = AutoTokenizer.from_pretrained(demo_dir / "tokenizer")
+    other.add_tokens(["<|not_in_the_checkpoint|>"])
+    other.save_pretrained(tmp_path / "other")
+    config["model"]["tokenizer"] = str(tmp_path / "other")
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "two.yaml", config)), "--resume"]) == 2
+    assert "model.tokenizer" in capsys.readouterr().err
+
+    shutil.copytree(demo_dir / "tokenizer", tmp_path / "here" / "tokenizer")
+    config["model"]["tokenizer"] = str(tmp_path / "here" / "tokenizer")
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "three.yaml", config)), "--resume"]) == 0
