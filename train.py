@@ -111,8 +111,12 @@ __all__ = ["ConfigError", "load_config", "complete_checkpoints", "run_training",
 
 
 # ----------------------------------------------------------------------------------------------------- training
-def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> PhiClipMLLM:
+def build_model(
+    config: dict, phase: str, resume_dir: Path | None = None, text_warmup_next: bool = False
+) -> PhiClipMLLM:
     """The model to train: fresh (phase one), from load_dir + LoRA (phase two), or from a checkpoint (resume).
+
+    `text_warmup_next`: a fresh phase-one LM is built unquantised, as text_warmup trains it and then quantises it.
 
     A loaded model takes the YAML's runtime settings (max_length, attn_implementation, ...); an architecture
     setting that disagrees with the loaded checkpoint is an error naming both values.
@@ -120,6 +124,8 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
     dtype, model_section = torch_dtype(config["dtype"]), config["model"] or {}
     source = resume_dir or (Path(config["checkpoint"]["load_dir"]) if phase == "two" else None)
     if source is None:
+        if text_warmup_next:
+            model_section = {**model_section, "quantize": None}
         with _naming(config["path"]):
             model = PhiClipMLLM(PhiClipConfig.from_dict(model_section), dtype=dtype, device=_build_device())
         model.prime_model("one")
@@ -149,6 +155,12 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
                 model.setup_lora(config["peft_text"], config["peft_vision"])
             except ValueError as error:  # targets that match nothing, settings that contradict a loaded LoRA
                 raise ConfigError(f"{config['path']}: {error}") from None
+    training_switches(model, config)
+    return model
+
+
+def training_switches(model: PhiClipMLLM, config: dict) -> None:
+    """training_args' switches that change how the LM runs (liger kernels, checkpointing, compilation)."""
     if config["training_args"]["use_liger_kernel"]:
         with _naming(config["path"]):
             use_liger_kernels(model.text_model)
@@ -156,7 +168,6 @@ def build_model(config: dict, phase: str, resume_dir: Path | None = None) -> Phi
         model.enable_gradient_checkpointing()
     if config["training_args"]["torch_compile"]:
         model.compile_language_model()
-    return model
 
 
 @contextlib.contextmanager
@@ -186,7 +197,9 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
     "<instruction> <image>" -> "<caption>" becomes "<instruction> <caption>" -> "<caption>"; in a conversation
     (`text_warmup.data` may add LLaVA-format ones) the image becomes its caption from the same data. With
     `describe: false` the image is dropped instead (the LM learns no use of its context; in the demo, phase one
-    and phase two then reached far lower exact match, measured before conversations were added).
+    and phase two then reached far lower exact match, measured before conversations were added). With
+    `model.quantize` the LM warms up unquantised (4- or 8-bit weights cannot train) and is quantised after it, as a
+    pre-trained Phi-3 is loaded quantised.
     """
     settings = config["text_warmup"]
     data = make_dataset(settings["data"], seed=config["seed"]) if settings["data"] else train_set
@@ -231,6 +244,13 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
     )
     if "text_model" not in model.config.saved_backbones:  # the LM changed: its name or path no longer loads it
         model.config.saved_backbones.append("text_model")
+    quantize = (config["model"] or {}).get("quantize")
+    if quantize:  # a quantised LM cannot train: warmed up in full precision, it is now loaded as a pre-trained one
+        attn = model.config.attn_implementation
+        model.text_model = quantize_language_model(model.text_model, quantize, torch_dtype(config["dtype"]), attn)
+        model.config.quantize = quantize
+        training_switches(model, config)  # they were on the unquantised LM
+        logger.info("text warm-up done: the language model is quantised (%s) from here on", quantize)
     model.prime_model("one")
 
 
@@ -291,13 +311,14 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         resume_dir, train_set, val_set = _starting_point(config, phase, output_dir, resume)
     if resume_dir:
         logger.info("resuming from %s", resume_dir)
-    started, model = time.time(), build_model(config, phase, resume_dir)
+    warm_up = phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0
+    started, model = time.time(), build_model(config, phase, resume_dir, text_warmup_next=warm_up)
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("lora_text", "lora_vision", "revisions")}
     logger.info("model: %s", ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, dict)))
     for dataset in (train_set, val_set):
         if dataset is not None:
             dataset.attach(model.processor)  # samples too long for max_length are skipped and counted
-    if phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0:
+    if warm_up:
         text_warmup(model, train_set, config)
     elif phase == "two" and config["text_warmup"]["steps"] > 0:  # e.g. one --set for both phases of the demo
         logger.warning("text_warmup runs before phase one only: phase two trains on the model it loads")

@@ -314,6 +314,25 @@ def test_quantized_runs_checkpoint_adapter_and_lora_only_and_merge_dequantizes(t
     assert quantization.is_quantized(requantized.text_model) and requantized.config.lora_text is not None
 
 
+def test_text_warmup_trains_the_lm_unquantised_then_phase_one_runs_on_it_quantised(tmp_path, demo_dir):
+    """The demo's recipe with the small-GPU switches (`--demo --set model.quantize=4bit`): 4-bit weights cannot
+    train, so the warm-up (the random LM's pre-training) runs first and the LM is quantised after it, as a
+    pre-trained Phi-3 is loaded quantised. It died on requires_grad of the 4-bit weights."""
+    require_cpu_quantization("4bit")
+    config = quantized_config(demo_dir, tmp_path / "p1", max_steps=1, eval_steps=None, gradient_checkpointing=True)
+    config["text_warmup"] = {"steps": 2, "batch_size": 8}
+    config = load_config(write(tmp_path / "one.yaml", config), phase="one")
+    model = train.run_training(config, "one")
+    assert quantization.is_quantized(model.text_model)
+    assert all(layer.gradient_checkpointing for layer in model.text_model.get_decoder().layers)  # the switch, again
+    assert json.loads((tmp_path / "p1" / "config.json").read_text())["quantize"] == "4bit"
+    assert set(_safetensors(tmp_path / "p1" / "text_model").values()) == {torch.float32}  # the warmed-up LM, plain
+    reloaded = PhiClipMLLM.from_pretrained(tmp_path / "p1").eval()
+    batch = model.processor([f"Describe this image. {IMAGE_TOKEN}"], [random_image(4)], add_generation_prompt=True)
+    with torch.no_grad():  # not closer: NF4's double quantisation does not round-trip through plain weights exactly
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize(
     "mode, lora", [("4bit", True), ("4bit", False), ("8bit", True)], ids=["qlora", "phase_one", "8bit_lora"]
 )
