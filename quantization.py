@@ -16,6 +16,7 @@ checkpointing is training_args.gradient_checkpointing's job (non-reentrant, so n
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from typing import Any
 
@@ -25,6 +26,28 @@ from torch import nn
 from config import ConfigError, require_bitsandbytes
 
 QUANTIZED_PARAMETERS = ("Params4bit", "Int8Params")  # bitsandbytes' weight classes
+INT8_MATMUL_LOGGER = "bitsandbytes.autograd._functions"  # logs "inputs will be cast ... to float16" at every matmul
+
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once.
+
+    LLM.int8 quantises a matmul's input through float16 by design, and bitsandbytes says so at every 8-bit matmul
+    of a bf16 or fp32 model (each linear layer, each forward): on the CPU at each evaluation and every generated
+    token (between the words of chat.py's reply), on a GPU (by bitsandbytes' code) in every training step too.
+    Said once, it still tells what happens.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def quantization_device() -> torch.device:
@@ -73,6 +96,9 @@ def load_kwargs(mode: str, dtype: torch.dtype | None) -> dict:
         )
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
+        matmul_logger = logging.getLogger(INT8_MATMUL_LOGGER)
+        if not any(isinstance(f, OncePerMessage) for f in matmul_logger.filters):
+            matmul_logger.addFilter(OncePerMessage())
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 

@@ -8,6 +8,7 @@ no bitsandbytes at all.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -184,6 +185,22 @@ def test_quantized_lm_keeps_its_logits_close_to_the_unquantized_model(make_model
     quantized.save_pretrained(tmp_path / "saved")  # stores the random LM dequantised, as a checkpoint save does
     with torch.no_grad():  # and leaves the live quantised layers as they were (8-bit lost its scales on the CPU)
         torch.testing.assert_close(quantized(**batch).logits, actual, atol=0, rtol=0)
+
+
+def test_the_8bit_fp16_cast_is_said_once_not_at_every_matmul(make_model, caplog):
+    """bitsandbytes logs the cast at each 8-bit matmul of an fp32 or bf16 model: evaluation, generate.py and chat.py
+    printed a line per linear layer per forward (between the words of a streamed reply)."""
+    require_cpu_quantization("8bit")
+    matmul_logger = logging.getLogger(quantization.INT8_MATMUL_LOGGER)
+    for once in list(matmul_logger.filters):  # an earlier test's model has said it already
+        matmul_logger.removeFilter(once)
+    model = make_model(seed=1, quantize="8bit").eval()
+    batch = model.processor(["Describe this image. <|placeholder1|>"], [random_image(0)])
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        for _ in range(3):
+            model(**batch)
+    casts = [r for r in caplog.records if "inputs will be cast" in r.getMessage()]
+    assert len(casts) == 1 and "float16" in casts[0].getMessage()
 
 
 def test_qlora_trains_the_lora_beside_frozen_4bit_weights_as_lora_does_on_the_plain_model(make_model):
