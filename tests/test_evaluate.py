@@ -110,6 +110,29 @@ def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_mode
     assert by_two["val_loss"] == pytest.approx(by_six["val_loss"], rel=1e-5)  # a token mean, whatever the batching
 
 
+def test_max_samples_under_captions_per_image_all_never_scores_an_image_on_part_of_its_references(tmp_path):
+    """With one sample per caption, max_samples cut inside an image: its caption was judged against 2 of its 3
+    references (exact match, BLEU, CIDEr-D). The cut falls before such an image, or after the first one whole."""
+    for image in (1, 2):
+        random_image(image).save(tmp_path / f"{image}.png")
+    coco = {
+        "images": [{"id": image, "file_name": f"{image}.png"} for image in (1, 2)],
+        "annotations": [
+            {"id": 10 * image + n, "image_id": image, "caption": f"image {image} caption {n}"}
+            for image in (1, 2)
+            for n in range(3)
+        ],
+    }
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    source = {"format": "coco", "annotation_file": str(tmp_path / "captions.json"), "image_directory": str(tmp_path)}
+    for max_samples, images in ((5, [1]), (6, [1, 2]), (2, [1]), (4, [1])):
+        dataset = make_dataset({**source, "captions_per_image": "all", "max_samples": max_samples})
+        _, _, references = caption_split(dataset)
+        assert [key[1] for key in references] == images, max_samples
+        assert all(len(captions) == 3 for captions in references.values()), max_samples
+    assert len(make_dataset({**source, "max_samples": 1})) == 1  # one sample per image: cut as before
+
+
 def test_the_same_image_id_in_two_caption_files_is_two_images(make_model, tmp_path):
     sources = []
     for name, caption in (("coco", "a red circle"), ("flickr", "a blue square")):
