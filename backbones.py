@@ -113,6 +113,12 @@ def load_image_processor(config: PhiClipConfig, checkpoint_dir: Path | None, ima
     return processor_class(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
+def not_on_this_machine(source: Any) -> bool:
+    """Whether a backbone or tokenizer recorded by an absolute local path has no directory there: the checkpoint that
+    records it was written on another machine, or the model was moved (a hub id is never absolute)."""
+    return isinstance(source, str) and Path(source).is_absolute() and not Path(source).exists()
+
+
 def load_backbone(
     config: PhiClipConfig,
     name: str,
@@ -158,6 +164,11 @@ def load_backbone(
             model.to_empty(device=device)
             model.init_weights()  # every parameter and buffer (RoPE inv_freq, CLIP position_ids) as from_config
     else:
+        if checkpoint_dir is not None and not stored and not_on_this_machine(source):
+            raise CheckpointError(
+                f"{checkpoint_dir / 'config.json'}: {key} {source!r} is not on this machine (was the run moved?): "
+                f"set {key} there to where that model lies now"
+            )
         try:
             with quiet_loading():
                 model = auto_class.from_pretrained(source, dtype=dtype, attn_implementation=attn, **quantization)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from backbones import CheckpointError, quiet_loading, read_config_file
+from backbones import CheckpointError, not_on_this_machine, quiet_loading, read_config_file
 from config import ADAPTER_FILE, ConfigError, PhiClipConfig, backbone_architecture, checkpoint_directory
 from lora import without_lora
 from quantization import dequantized, is_quantized
@@ -206,6 +206,11 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
             wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
         if key in ("text_model", "vision_model") and same_source(wanted, found):
             continue
+        if wanted != found and key in ("text_model", "vision_model") and not_on_this_machine(found):
+            raise ConfigError(
+                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, which is not "
+                f"on this machine (was the run moved?): if {given!r} is the same model, set {key} in that file to it"
+            )
         if wanted != found:
             raise ConfigError(
                 f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, the model "

@@ -10,11 +10,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_TEXT
 from safetensors.torch import load_file
-from test_train import tiny_config, write
-from transformers import AutoTokenizer
+from test_train import phase_two_config, tiny_config, write
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 import train
+from backbones import CheckpointError
 from model import PhiClipMLLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,3 +66,27 @@ def test_a_run_moved_to_another_machine_resumes_with_its_tokenizer_where_it_now_
     shutil.copytree(demo_dir / "tokenizer", tmp_path / "here" / "tokenizer")
     config["model"]["tokenizer"] = str(tmp_path / "here" / "tokenizer")
     assert train.main(["--phase_one", "--config", str(write(tmp_path / "three.yaml", config)), "--resume"]) == 0
+
+
+def test_a_moved_local_language_model_is_named_in_one_line_that_says_where_to_point_it(tmp_path, demo_dir, capsys):
+    # A backbone named by a local path is not stored in the checkpoint; on another machine (or after the model was
+    # moved) the recorded path is gone: loading names the file and key to change, and phase two's config too.
+    values = {k: v for k, v in TINY_TEXT.items() if k != "model_type"}
+    Phi3ForCausalLM(Phi3Config(**values)).save_pretrained(tmp_path / "first" / "lm")
+    one = tiny_config(demo_dir, tmp_path / "p1", training_args={"eval_steps": None})
+    one["model"]["text_model"] = str(tmp_path / "first" / "lm")
+    one["training_args"].update(max_steps=1, save_steps=1)
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", one))]) == 0
+    (tmp_path / "second").mkdir()
+    (tmp_path / "first" / "lm").rename(tmp_path / "second" / "lm")
+
+    with pytest.raises(CheckpointError, match=r"config.json: text_model '.*first/lm' is not on this machine"):
+        PhiClipMLLM.from_pretrained(tmp_path / "p1")
+    two = phase_two_config(demo_dir, tmp_path / "p1", tmp_path / "p2", max_steps=1, eval_steps=None)
+    two["model"] = {"text_model": str(tmp_path / "second" / "lm")}
+    path = write(tmp_path / "two.yaml", two)
+    assert train.main(["--config", str(path)]) == 2
+    assert "is not on this machine (was the run moved?): if" in capsys.readouterr().err
+    stored = json.loads((tmp_path / "p1" / "config.json").read_text())
+    (tmp_path / "p1" / "config.json").write_text(json.dumps(stored | {"text_model": str(tmp_path / "second" / "lm")}))
+    assert train.main(["--config", str(path)]) == 0
