@@ -15,6 +15,7 @@ import transformers
 from conftest import SHARED_DATA, require_shared
 from packaging.version import Version
 from test_train import phase_two_config, tiny_config, write
+from transformers import AutoTokenizer
 
 import dataset as D
 import train
@@ -176,8 +177,10 @@ def test_a_finished_run_is_named_and_resume_trains_it_further(tmp_path, demo_dir
     assert rates[5] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))  # cosine over 5 steps, at step 4
 
     # Phase two on it: the loaded model keeps its tokenizer and architecture, and says so in the user's terms.
-    other = tmp_path / "other_tokenizer"
-    shutil.copytree(demo_dir / "tokenizer", other)
+    other = tmp_path / "other_tokenizer"  # another vocabulary (a copy of the same one agrees: test_old_artifacts)
+    changed = AutoTokenizer.from_pretrained(demo_dir / "tokenizer")
+    changed.add_tokens(["<|another_token|>"])
+    changed.save_pretrained(other)
     for model_section, expected in (
         ({"tokenizer": str(other)}, f"model.tokenizer is {str(other)!r} in the config but"),
         ({"vision_feature_layer": -2}, "model.vision_feature_layer is -2 in the config but -1 in"),
