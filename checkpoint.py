@@ -208,8 +208,8 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
             continue
         if wanted != found and key in ("text_model", "vision_model") and not_on_this_machine(found):
             raise ConfigError(
-                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}, which is not "
-                f"on this machine (was the run moved?): if {given!r} is the same model, set {key} in that file to it"
+                f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}; {shown!r} is "
+                f"not on this machine (was the run moved?): if {given!r} is the same model, set {key} in that file to it"
             )
         if wanted != found:
             raise ConfigError(
