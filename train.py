@@ -314,6 +314,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     warm_up = phase == "one" and resume_dir is None and config["text_warmup"]["steps"] > 0
     started, model = time.time(), build_model(config, phase, resume_dir, text_warmup_next=warm_up)
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("lora_text", "lora_vision", "revisions")}
+    if warm_up:  # built unquantised for the warm-up, quantised after it: say what phase one trains on
+        settings["quantize"] = (config["model"] or {}).get("quantize")
     logger.info("model: %s", ", ".join(f"{k}={v}" for k, v in settings.items() if not isinstance(v, dict)))
     for dataset in (train_set, val_set):
         if dataset is not None:

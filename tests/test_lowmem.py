@@ -331,7 +331,7 @@ def test_quantized_runs_checkpoint_adapter_and_lora_only_and_merge_dequantizes(t
     assert quantization.is_quantized(requantized.text_model) and requantized.config.lora_text is not None
 
 
-def test_text_warmup_trains_the_lm_unquantised_then_phase_one_runs_on_it_quantised(tmp_path, demo_dir):
+def test_text_warmup_trains_the_lm_unquantised_then_phase_one_runs_on_it_quantised(tmp_path, demo_dir, caplog):
     """The demo's recipe with the small-GPU switches (`--demo --set model.quantize=4bit`): 4-bit weights cannot
     train, so the warm-up (the random LM's pre-training) runs first and the LM is quantised after it, as a
     pre-trained Phi-3 is loaded quantised. It died on requires_grad of the 4-bit weights."""
@@ -339,7 +339,9 @@ def test_text_warmup_trains_the_lm_unquantised_then_phase_one_runs_on_it_quantis
     config = quantized_config(demo_dir, tmp_path / "p1", max_steps=1, eval_steps=None, gradient_checkpointing=True)
     config["text_warmup"] = {"steps": 2, "batch_size": 8}
     config = load_config(write(tmp_path / "one.yaml", config), phase="one")
-    model = train.run_training(config, "one")
+    with caplog.at_level(logging.INFO, logger="train"):
+        model = train.run_training(config, "one")
+    assert "quantize=4bit" in next(r.getMessage() for r in caplog.records if r.getMessage().startswith("model: "))
     assert quantization.is_quantized(model.text_model)
     assert all(layer.gradient_checkpointing for layer in model.text_model.get_decoder().layers)  # the switch, again
     assert json.loads((tmp_path / "p1" / "config.json").read_text())["quantize"] == "4bit"
