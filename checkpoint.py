@@ -244,6 +244,6 @@ def same_tokenizer(given: Any, stored: Any, checkpoint: Path) -> bool:
     try:
         with quiet_loading():
             mine, kept = (AutoTokenizer.from_pretrained(str(p)) for p in (Path(given).expanduser(), checkpoint))
-    except (OSError, ValueError):
+    except Exception:  # one that does not load is not the same (a corrupt tokenizer.json raises TypeError)
         return False  # the refusal that follows names both
     return mine.get_vocab() == kept.get_vocab() and mine.all_special_tokens == kept.all_special_tokens

@@ -414,3 +414,16 @@ def test_a_phase_one_model_whose_config_json_has_an_unknown_key_is_named_in_one_
     two["model"] = {"vision_feature_layer": -2}  # an architecture key: checked against the stored config first
     status, err = run(["--config", str(write(tmp_path / "two.yaml", two))], capsys)
     assert f"{stored}: unknown key(s) ['feature_layr']" in one_line_error(status, err)
+
+
+def test_a_tokenizer_directory_that_does_not_load_is_refused_in_one_line(make_model, tmp_path):
+    # Compared with the checkpoint's own copy by loading it: a corrupt tokenizer.json raised a TypeError traceback.
+    from model import PhiClipMLLM
+
+    make_model().save_pretrained(tmp_path / "checkpoint")
+    broken = tmp_path / "broken_tokenizer"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("[]")
+    (broken / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"broken_tokenizer'.*keeps the tokenizer its embeddings were trained with"):
+        PhiClipMLLM.from_pretrained(tmp_path / "checkpoint", tokenizer=str(broken))
