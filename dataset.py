@@ -266,13 +266,13 @@ def make_dataset(
         source = path("annotation_file")
         records = read_llava(source, path("image_directory"), on_bad_record, on_bad_image)
     if max_samples is not None:
-        records = records[: _whole_images(records, max_samples) if per_image == "all" else max_samples]
+        records = records[: _cut_between_images(records, max_samples) if per_image == "all" else max_samples]
     return ConversationDataset(
         records, seed=seed, on_bad_image=on_bad_image, on_bad_record=on_bad_record, source=source
     )
 
 
-def _whole_images(records: list, max_samples: int) -> int:
+def _cut_between_images(records: list, max_samples: int) -> int:
     """Where max_samples cuts a `captions_per_image: all` source (one record per caption, an image's together):
     before an image whose captions would not all fit, as an image's captions are also its references in
     evaluation, and a cut inside one scored it against part of them."""
