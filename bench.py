@@ -214,7 +214,7 @@ def bench_data(processor, workers=(0, 2), samples: int = 96, batch_size: int = 8
     level = dataset_log.level
     dataset_log.setLevel(logging.ERROR)  # the annotation file names 5000 images; 12 ship: not news here
     try:
-        records = make_dataset(config).records
+        records = list(make_dataset(config).records)
     finally:
         dataset_log.setLevel(level)  # a caller's own dataset warnings stay visible
     dataset = ConversationDataset((records * (samples // len(records) + 1))[:samples])

@@ -621,6 +621,43 @@ def test_dataloader_workers_match_single_process(demo_dir, make_model):
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def objects_reachable_from(root: object) -> int:
+    """How many objects (not classes) `root` reaches: what a forked worker that reads them writes refcounts into."""
+    import gc
+
+    seen, todo = set(), [root]
+    while todo:
+        item = todo.pop()
+        if id(item) not in seen and not isinstance(item, type):
+            seen.add(id(item))
+            todo += gc.get_referents(item)
+    return len(seen)
+
+
+def test_records_are_packed_so_that_dataloader_workers_share_them():
+    # A DataLoader worker that reads a Python object writes its reference count, which copies the page it lies on
+    # into the worker (pytorch/pytorch#13246): with 665k records in a list, 4 workers added 8.5 GB within an epoch.
+    records = [D.Record(i, (f"{i}.jpg",), captions=(f"caption {i}", "another")) for i in range(2000)]
+    talk = D.Record("t", (), conversation=(("user", "hi"), ("assistant", "hello")))
+    dataset = D.ConversationDataset([*records, talk])
+    assert objects_reachable_from(dataset.records) < 10  # the same for 20 or 2 million records
+    assert list(dataset.records) == [*records, talk] and dataset.records[-1] == talk
+    assert dataset.sample(7)["images"] == ["7.jpg"] and dataset.subset([2000, 3]).records[:] == [talk, records[3]]
+
+
+def test_packed_records_index_slice_and_join_as_a_list_does():
+    records = [D.Record(i, (f"{i}.jpg",), captions=(str(i),)) for i in range(5)]
+    packed = D.PackedRecords(records)
+    assert len(packed) == 5 and packed[0] == records[0] and packed[-2] == records[3]
+    assert packed[1:4] == records[1:4] and packed[::-2] == records[::-2]
+    for index in (5, -6):
+        with pytest.raises(IndexError):
+            packed[index]
+    joined = D.PackedRecords.join([packed, D.PackedRecords(), D.PackedRecords(records[:2])])
+    assert list(joined) == records + records[:2]
+    assert len(D.PackedRecords.join([])) == 0
+
+
 def test_demo_conversations_round_trip_through_the_llava_reader(tmp_path, tiny_processor):
     shapes.make_demo(tmp_path, n=340, seed=0, conversations=240)
     images = tmp_path / "images"
