@@ -206,7 +206,7 @@ def check_architecture(model_section: dict, checkpoint: Path) -> None:
             wanted, shown = layers + 1 + wanted, found - layers - 1  # compared as stored, shown as the user wrote it
         if key in ("text_model", "vision_model") and same_source(wanted, found):
             continue
-        if wanted != found and key in ("text_model", "vision_model") and not_on_this_machine(found):
+        if key in ("text_model", "vision_model") and not_on_this_machine(found):
             raise ConfigError(
                 f"model.{key} is {given!r} in the config but {shown!r} in {checkpoint / 'config.json'}; {shown!r} is "
                 f"not on this machine (was the run moved?): if {given!r} is the same model, set {key} in that file to it"
