@@ -85,9 +85,10 @@ from transformers.utils import logging as hf_logging
 
 from backbones import CheckpointError, quantize_language_model, use_liger_kernels
 from checkpoint import check_architecture
-from dataset import BadImageError, BadRecordError, Collator, ConversationDataset, make_dataset
-from model import IMAGE_TOKEN, PhiClipConfig, PhiClipMLLM
+from dataset import BadImageError, BadRecordError, Collator, make_dataset
+from model import PhiClipConfig, PhiClipMLLM
 from run_record import check_resume_point, check_training_set, describe_run
+from text_warmup import text_warmup
 from trainer import (
     COMPLETE_MARKER,
     EpochDraws,
@@ -188,72 +189,6 @@ def _which(flags: dict) -> str:
     return " and ".join(f"the {name} model" for name, on in flags.items() if on) or "neither backbone"
 
 
-def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict) -> None:
-    """Train the LM alone on text: the training samples with each image described in words instead of shown.
-
-    A stand-in for the pre-training a real Phi-3 brings (the tiny demo's LM is random): it learns the caption
-    language, to say what its prompt describes and to answer questions about a described scene. It never sees an
-    image; the adapter still has to learn to turn pixels into something the LM reads. A caption sample
-    "<instruction> <image>" -> "<caption>" becomes "<instruction> <caption>" -> "<caption>"; in a conversation
-    (`text_warmup.data` may add LLaVA-format ones) the image becomes its caption from the same data. With
-    `describe: false` the image is dropped instead (the LM learns no use of its context; in the demo, phase one
-    and phase two then reached far lower exact match, measured before conversations were added). With
-    `model.quantize` the LM warms up unquantised (4- or 8-bit weights cannot train) and is quantised after it, as a
-    pre-trained Phi-3 is loaded quantised.
-    """
-    settings = config["text_warmup"]
-    data = make_dataset(settings["data"], seed=config["seed"]) if settings["data"] else train_set
-    described = {record.images[0]: record.captions[0] for record in data.records if record.captions and record.images}
-    samples = []
-    for index in range(len(data)):
-        sample = data.sample(index, epoch=0)
-        turns = [dict(turn) for turn in sample["conversation"]]
-        if sample["images"] and settings["describe"]:
-            words = turns[-1]["content"] if data.records[index].captions else described.get(sample["images"][0])
-            if words is None:
-                continue  # a conversation about an image no caption describes
-        elif sample["images"]:
-            words = ""
-        for turn in turns if sample["images"] else ():
-            turn["content"] = " ".join(turn["content"].replace(IMAGE_TOKEN, words).split())
-        samples.append({"conversation": turns, "images": []})
-    if not samples:
-        raise ConfigError(
-            f"{config['path']}: text_warmup: none of its {len(data)} samples can be told in words (a conversation "
-            "about an image needs a caption of that image among the data): give captions, or describe: false"
-        )
-    logger.info("text warm-up: %d steps on %d samples, each image described in words", settings["steps"], len(samples))
-    model.requires_grad_(False)
-    model.text_model.requires_grad_(True)
-    args = training_arguments(
-        config,
-        config["checkpoint"]["output_dir"],
-        max_steps=settings["steps"],
-        learning_rate=settings["learning_rate"],
-        per_device_train_batch_size=settings["batch_size"],
-        save_strategy="no",
-        eval_strategy="no",
-        eval_steps=None,
-        report_to="none",
-        dataloader_num_workers=0,
-        logging_steps=max(1, settings["steps"] // 5),
-    )
-    train_with_progress(
-        PhiClipTrainer(model=model, args=args, train_dataset=samples, data_collator=Collator(model.processor)),
-        "text warm-up",
-    )
-    if "text_model" not in model.config.saved_backbones:  # the LM changed: its name or path no longer loads it
-        model.config.saved_backbones.append("text_model")
-    quantize = (config["model"] or {}).get("quantize")
-    if quantize:  # a quantised LM cannot train: warmed up in full precision, it is now loaded as a pre-trained one
-        attn = model.config.attn_implementation
-        model.text_model = quantize_language_model(model.text_model, quantize, torch_dtype(config["dtype"]), attn)
-        model.config.quantize = quantize
-        training_switches(model, config)  # they were on the unquantised LM
-        logger.info("text warm-up done: the language model is quantised (%s) from here on", quantize)
-    model.prime_model("one")
-
-
 def run_training(
     config: dict, phase: str, resume: bool | str | None = None, callbacks: list[TrainerCallback] | tuple = ()
 ) -> PhiClipMLLM:
@@ -322,6 +257,8 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
             dataset.attach(model.processor)  # samples too long for max_length are skipped and counted
     if warm_up:
         text_warmup(model, train_set, config)
+        if model.config.quantize:  # quantised after the warm-up: the switches were set on the unquantised LM
+            training_switches(model, config)
     elif phase == "two" and config["text_warmup"]["steps"] > 0:  # e.g. one --set for both phases of the demo
         logger.warning("text_warmup runs before phase one only: phase two trains on the model it loads")
     counts, trains = model.parameter_counts(), "the adapter" if phase == "one" else "the adapter and LoRA"
