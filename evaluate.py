@@ -3,13 +3,14 @@
     python evaluate.py --checkpoint DIR --config CFG [--split val] [--limit N] [--batch_size B] [--output FILE]
         [--caption_tokenizer auto|ptb|simple]
 
-Prints one JSON object: val_loss and perplexity; for captioned images exact_match, bleu1..bleu4 and cider (CIDEr-D,
-as the COCO caption evaluation computes it; caption_tokenizer names the tokenisation it scored); for
-conversations (LLaVA format) answer_accuracy, the exact match of each answered turn given the turns before it; and
-how many captions and answers were cut at max_new_tokens (captions_at_max_new_tokens, answers_at_max_new_tokens). Writes
-the generated captions in COCO results format (``[{"image_id": ..., "caption": ...}]``), the answers and the metrics:
-into the checkpoint (captions_SPLIT.json, answers_SPLIT.json, metrics_SPLIT.json), or all beside --output FILE
-(FILE, FILE's name + _answers.json, + _metrics.json).
+Prints one JSON object: val_loss and perplexity; for captioned images exact_match, bleu1..bleu4, meteor, rouge_l
+and cider (CIDEr-D), as the COCO caption evaluation computes them (caption_tokenizer names the tokenisation they
+scored; METEOR runs with the PTB one only); for conversations (LLaVA format) answer_accuracy, the exact match of each
+answered turn given the turns before it; and how many captions and answers were cut at max_new_tokens
+(captions_at_max_new_tokens, answers_at_max_new_tokens). Writes the generated captions in COCO results format
+(``[{"image_id": ..., "caption": ...}]``), the answers and the metrics: into the checkpoint (captions_SPLIT.json,
+answers_SPLIT.json, metrics_SPLIT.json), or all beside --output FILE (FILE, FILE's name + _answers.json,
++ _metrics.json).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def command_line() -> argparse.ArgumentParser:
         "--caption_tokenizer",
         default="auto",
         choices=CAPTION_TOKENIZERS,
-        help="BLEU/CIDEr-D tokenisation: ptb, the COCO caption evaluation's (java); simple, normalize_caption; "
-        "auto (default): ptb when java runs, else simple. The metrics name the one used",
+        help="BLEU/METEOR/ROUGE-L/CIDEr-D tokenisation: ptb, the COCO caption evaluation's (java); simple, normalize_caption; "
+        "auto (default): ptb when java runs, else simple. The metrics name the one used; METEOR needs ptb",
     )
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda when available)")
     return parser
@@ -81,11 +82,13 @@ def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, d
 if __name__ == "__main__":
     read_arguments()  # answers --help and bad input before the imports below (~6 s)
 
-import json  # the heavy imports follow the early argument check above
+import functools  # the heavy imports follow the early argument check above
+import json
 import logging
 import math
 import os
 import re
+import shutil
 import string
 import subprocess
 import unicodedata
@@ -147,17 +150,21 @@ def ptb_tokenize(captions: list[str]) -> list[str]:
 def caption_scores(
     predictions: dict[Any, str], references: dict[Any, list[str]], tokenizer: str = "auto"
 ) -> dict[str, Any]:
-    """Exact match (against any reference, both `normalize_caption`ed), BLEU-1..4 and CIDEr-D of one caption per key.
+    """Exact match (against any reference, both `normalize_caption`ed), BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of one
+    caption per key.
 
-    BLEU and CIDEr-D are pycocoevalcap's scorers, as the COCO caption evaluation runs them: corpus BLEU (closest
-    reference length), CIDEr-D (the COCO server's "CIDEr": sigma 6, clipped counts, x10, so 0-10 here where papers
-    print x100) with document frequencies taken from the scored images' references (fewer images, other values; a
-    single image always scores 0). `tokenizer`: "ptb" is the standard Java PTBTokenizer (`ptb_tokenize`), "simple"
-    is `normalize_caption` (within 0.1 BLEU-4 and 0.7 CIDEr points of PTB on COCO val), "auto" PTB when java runs,
-    else simple with a warning. `caption_tokenizer` in the result says which one scored.
+    The scores are pycocoevalcap's scorers, as the COCO caption evaluation runs them: corpus BLEU (closest reference
+    length), METEOR 1.5 (its jar, run with java), ROUGE-L (beta 1.2, best reference per image), CIDEr-D (the COCO
+    server's "CIDEr": sigma 6, clipped counts, x10, so 0-10 here where papers print x100) with document frequencies
+    taken from the scored images' references (fewer images, other values; a single image always scores 0).
+    `tokenizer`: "ptb" is the standard Java PTBTokenizer (`ptb_tokenize`), "simple" is `normalize_caption` (within
+    0.1 BLEU-4 and 0.7 CIDEr points of PTB on COCO val), "auto" PTB when java runs, else simple with a warning.
+    `caption_tokenizer` in the result says which one scored. METEOR runs beside PTB only, as both need java: with
+    simple tokens, or when its jar fails, `meteor` is None.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
 
     if tokenizer not in CAPTION_TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {', '.join(CAPTION_TOKENIZERS)}, got {tokenizer!r}")
@@ -176,7 +183,7 @@ def caption_scores(
         except PTBUnavailable as error:
             if tokenizer == "ptb":
                 raise
-            logger.warning("BLEU and CIDEr-D tokenised by normalize_caption, not PTB (%s)", error)
+            logger.warning("BLEU and CIDEr-D tokenised by normalize_caption, not PTB, and no METEOR (%s)", error)
     if used == "simple":
         tokens = [normalize_caption(text) for text in texts]
     preds, refs, rest = {}, {}, iter(tokens[len(keys) :])
@@ -188,8 +195,47 @@ def caption_scores(
     return (
         {"exact_match": exact}
         | {f"bleu{n}": float(bleu[n - 1]) for n in (1, 2, 3, 4)}
+        | {"meteor": meteor_score(refs, preds) if used == "ptb" else None}
+        | {"rouge_l": float(Rouge().compute_score(refs, preds)[0])}
         | {"cider": float(cider), "caption_tokenizer": used}
     )
+
+
+@functools.cache
+def _meteor_scorer() -> Any:
+    # pycocoevalcap's Meteor keeps one java process (~10 s to load its paraphrase table) and serves calls in turn
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    if shutil.which("java") is None:  # checked first: a Meteor whose Popen failed complains again when collected
+        raise FileNotFoundError("no java on PATH")
+    return Meteor()
+
+
+def meteor_score(references: dict[str, list[str]], predictions: dict[str, list[str]]) -> float | None:
+    """Corpus METEOR 1.5 of tokenised captions, as the COCO caption evaluation computes it; None, with a warning,
+    when its java process cannot start or fails."""
+
+    # Its line protocol separates fields by "|||" and requests by newlines; pycocoevalcap cleans the prediction
+    # only, and a reference "a dog ||| on a mat" counted as two ("a dog", "on a mat"). PTB tokens hold neither.
+    def clean(text: str) -> str:
+        return " ".join(text.replace("|||", " ").split())
+
+    references = {k: [clean(r) for r in rs] for k, rs in references.items()}
+    predictions = {k: [clean(p) for p in ps] for k, ps in predictions.items()}
+    scorer = None
+    try:
+        scorer = _meteor_scorer()
+        return float(scorer.compute_score(references, predictions)[0])
+    except (OSError, ValueError) as error:  # no java, a JVM that could not start (it asks for 2 GB), or died
+        _meteor_scorer.cache_clear()
+        said = [last_line(error) or type(error).__name__]
+        if scorer is not None:  # the JVM's own last words say more than the empty line it left behind
+            if scorer.lock.locked():  # compute_score raised holding it; the scorer's __del__ would wait forever
+                scorer.lock.release()
+            scorer.meteor_p.kill()
+            said = scorer.meteor_p.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or said
+        logger.warning("no METEOR: its java process failed (%s)", said[0])
+        return None
 
 
 @torch.no_grad()

@@ -16,9 +16,11 @@ import generate as generate_cli
 from dataset import SKIPPED, Collator, make_dataset
 from evaluate import (
     PTBUnavailable,
+    _meteor_scorer,
     caption_scores,
     caption_split,
     evaluate,
+    meteor_score,
     normalize_caption,
     ptb_tokenize,
     validation_loss,
@@ -36,14 +38,25 @@ def test_normalize_caption():
     )
 
 
+WORDS = ("sitting", "playing", "frolic")  # instead of "play": another word, its stem, a paraphrase in METEOR's table
+
+
 def test_caption_scores_perfect_partial_and_wrong():
     refs = {1: ["A man riding a horse on the beach.", "a person on a horse"], 2: ["two dogs play in the snow"]}
     perfect = caption_scores({1: "a man riding a horse on the beach", 2: "Two dogs play in the snow."}, refs)
     assert perfect["exact_match"] == 1.0 and perfect["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["rouge_l"] == pytest.approx(1.0)
     half = caption_scores({1: "a person on a horse", 2: "a cat sleeps on a sofa"}, refs)
     assert half["exact_match"] == 0.5 and half["bleu4"] < perfect["bleu4"] and half["cider"] < perfect["cider"]
+    assert half["rouge_l"] == pytest.approx(0.5)  # image 1 whole, image 2 no common word at all
     shuffled = caption_scores({1: "horse a on person a", 2: "snow the in play dogs two"}, refs)
     assert shuffled["exact_match"] == 0 and shuffled["bleu4"] < 0.01  # every word right, no 4-gram: BLEU-4, not -1
+    assert shuffled["rouge_l"] < half["rouge_l"]  # the longest common subsequence, not the bag of words
+    if shutil.which("java") is not None:  # METEOR: word order counts, and so do stems and paraphrases
+        assert perfect["meteor"] == pytest.approx(1.0) and shuffled["meteor"] < 0.7 * perfect["meteor"]
+        dogs = {w: caption_scores({1: "a person on a horse", 2: f"two dogs {w} in the snow"}, refs) for w in WORDS}
+        assert len({(dogs[w]["bleu1"], dogs[w]["rouge_l"]) for w in WORDS}) == 1  # one word wrong, for these two
+        assert dogs["sitting"]["meteor"] < 0.6 < dogs["playing"]["meteor"] < 1 and dogs["frolic"]["meteor"] > 0.6
     edge = caption_scores({1: "", 2: "?!", 3: "a dog"}, {1: ["a cat"], 2: ["a dog"], 3: ["a dog", "."]}, "simple")
     assert edge["exact_match"] == pytest.approx(1 / 3) and 0 < edge["cider"] < perfect["cider"]
     assert caption_scores({1: "a dog"}, {1: ["..."]}, "simple")["cider"] == 0.0  # no reference token at all
@@ -86,9 +99,23 @@ def test_caption_scores_name_their_tokenizer_and_fall_back_without_java(tmp_path
         assert ptb["caption_tokenizer"] == "ptb" and ptb["bleu4"] < 0.1 and ptb["bleu3"] == pytest.approx(1.0)
     monkeypatch.setenv("PATH", str(tmp_path))  # no java
     assert caption_scores(predictions, references, "auto") == simple
-    assert "tokenised by normalize_caption, not PTB (cannot run java" in caplog.text
+    assert "tokenised by normalize_caption, not PTB, and no METEOR (cannot run java" in caplog.text
+    assert simple["meteor"] is None and simple["rouge_l"] == pytest.approx(1.0)
     with pytest.raises(PTBUnavailable, match="cannot run java"):
         caption_scores(predictions, references, "ptb")
+
+
+def test_meteor_is_none_with_the_reason_when_its_java_fails(tmp_path, monkeypatch, caplog):
+    java = tmp_path / "java"  # a JVM that cannot start, as on a machine short of memory for its 2 GB heap
+    java.write_text("#!/bin/sh\necho 'Error: Could not reserve enough space for 2097152KB object heap' >&2\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    _meteor_scorer.cache_clear()  # a java process an earlier test started would still answer
+    assert meteor_score({"1": ["a dog"]}, {"1": ["a dog"]}) is None
+    assert "no METEOR: its java process failed (Error: Could not reserve enough space" in caplog.text
+    java.unlink()
+    assert meteor_score({"1": ["a dog"]}, {"1": ["a dog"]}) is None  # no java at all
+    assert caplog.records[-1].getMessage() == "no METEOR: its java process failed (no java on PATH)"
 
 
 def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_model):
