@@ -133,7 +133,8 @@ class PackedRecords(Sequence):
 class ConversationDataset(Dataset):
     """Map-style dataset of samples; instructions/captions are drawn per (seed, epoch, index), images loaded.
 
-    A sample that cannot be used is replaced by the next usable one, named once (per process) and counted in
+    A sample that cannot be used is replaced by the next usable one, named once (per training process, DataLoader
+    workers included, over all epochs) and counted in
     ``sample["num_bad_images"]`` / ``sample["num_bad_records"]``, or raises with the policy "error": a bad image
     (missing, corrupt, too large or too elongated) or, once a processor is attached, a record whose text does not
     fit it (truncation would cut into the image, or no answer token would be left).
@@ -161,6 +162,7 @@ class ConversationDataset(Dataset):
         self.processor = None
         self._bad_count = 0
         self._warned: set[str] = set()
+        self._named = _shared_flags(len(self.records))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -190,6 +192,7 @@ class ConversationDataset(Dataset):
             if not subset.sources or subset.sources[-1][1] != name:
                 subset.sources.append((position, name))
         subset.sources = subset.sources or self.sources[:1]
+        subset._named = _shared_flags(len(subset.records))  # flags by record index: the subset's are its own
         return subset
 
     def bad_image_count(self) -> int:
@@ -224,7 +227,7 @@ class ConversationDataset(Dataset):
                 if self.on_bad_record == "error":
                     raise problem from None
                 counts["num_bad_records"] += 1
-                self._note("skipping record", problem)
+                self._note("skipping record", problem, index + attempt)
                 continue
             try:
                 sample["images"] = [load_image(path, short_side) for path in sample["images"]]
@@ -234,7 +237,7 @@ class ConversationDataset(Dataset):
                 problem = error
                 counts["num_bad_images"] += 1
                 self._bad_count += 1
-                self._note("skipping bad image", error)
+                self._note("skipping bad image", error, index + attempt)
                 continue
             return sample | counts
         # Nothing usable in a long run of samples: the data (or max_length) is wrong, not one file.
@@ -245,11 +248,22 @@ class ConversationDataset(Dataset):
             f"{problem}); giving up"
         )
 
-    def _note(self, what: str, error: Exception) -> None:
-        message = str(error)
-        if message not in self._warned:
-            self._warned.add(message)
+    def _note(self, what: str, error: Exception, index: int) -> None:
+        # Once per record for the process's whole life: DataLoader workers are forked anew for each epoch and
+        # each evaluation, as copies of a process that loaded nothing, so a worker's own memory of what it named
+        # dies with it; the flags live in shared memory, which every worker writes and the next ones read.
+        # Several records of one bad image (its captions, the conversations about it) are named once per worker.
+        message, index = str(error), index % len(self)
+        if message not in self._warned and not self._named[index]:
             logger.warning("%s: %s", what, message)
+        self._warned.add(message)
+        self._named[index] = True
+
+
+def _shared_flags(count: int) -> torch.Tensor:
+    """`count` booleans, all false, in shared memory: a forked (or spawned) DataLoader worker writes this very
+    memory, not a copy of it."""
+    return torch.zeros(count, dtype=torch.bool).share_memory_()
 
 
 POLICIES = ("skip", "error")

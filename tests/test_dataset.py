@@ -461,6 +461,25 @@ def test_bad_image_counts_reach_the_main_process_from_workers(zoo):
     assert ds.bad_image_count() == 0  # the loads happened in the workers
 
 
+def test_a_bad_file_is_named_once_over_epochs_of_fresh_workers(zoo, tmp_path):
+    # DataLoader workers are forked anew each epoch (and for each evaluation) from a process that never loaded an
+    # image: each epoch named every bad file again. A log file, as the workers' records never reach caplog.
+    ds = zoo_dataset(zoo, "skip")
+    log = logging.FileHandler(tmp_path / "log.txt")
+    logging.getLogger("dataset").addHandler(log)
+    try:
+        for epoch in range(3):
+            ds.set_epoch(epoch)
+            loader = D.make_dataloader(ds, D.Collator(CountingProcessor()), batch_size=3, num_workers=2, seed=epoch)
+            assert sum(int(batch["num_bad_images"]) for batch in loader) == 5  # still counted in every epoch
+    finally:
+        logging.getLogger("dataset").removeHandler(log)
+        log.close()
+    named = [line for line in (tmp_path / "log.txt").read_text().splitlines() if "skipping bad image" in line]
+    times = Counter(name for line in named for name in BAD if f"/{name}:" in line)
+    assert times == dict.fromkeys(["truncated.jpg", "empty.jpg", "bomb.png", "large.png"], 1), named
+
+
 # ----------------------------------------------------------------------------------------------- epochs
 
 
