@@ -419,8 +419,11 @@ def main(argv: list[str] | None = None) -> int:
                     run_training(config, phase, args.resume)
     except (ConfigError, CheckpointError, FileNotFoundError, BadImageError, BadRecordError) as error:
         bad_data = isinstance(error, BadImageError | BadRecordError)  # on_bad_*: error; a worker's has its traceback
+        message = f"error: {last_line(error) if bad_data else error}"
+        if bad_data and config is not None:  # met in a batch: the run stopped part-way, as a Ctrl-C stops it
+            message += _how_to_go_on(config["checkpoint"]["output_dir"], "once the data is fixed, ")
         if first_here or not getattr(error, "same_in_every_process", False):
-            print(f"error: {last_line(error) if bad_data else error}", file=sys.stderr)
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Stopped); the lock is released by now
         signum = signal.SIGTERM if isinstance(stop, Stopped) else signal.SIGINT
@@ -430,16 +433,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             message += ": the demo starts over when run again"
         elif config is not None and not args.dry_run:
-            complete = complete_checkpoints(config["checkpoint"]["output_dir"])
-            message += (
-                f": the latest complete checkpoint is {complete[-1]}; the same command with --resume continues"
-                if complete
-                else " before any checkpoint was complete: the same command starts the run again"
-            )
+            message += _how_to_go_on(config["checkpoint"]["output_dir"])
         if rank_zero:  # every process of a torchrun / accelerate launch run is stopped: one says so
             print(message, file=sys.stderr)
         return 128 + signum
     return 0
+
+
+def _how_to_go_on(output_dir: str, condition: str = "") -> str:
+    """The end of the last line of a run stopped part-way: where it can continue from, and how."""
+    complete = complete_checkpoints(output_dir)
+    if complete:
+        return (
+            f": the latest complete checkpoint is {complete[-1]}; {condition}the same command with --resume continues"
+        )
+    return f" before any checkpoint was complete: {condition}the same command starts the run again"
 
 
 if __name__ == "__main__":

@@ -255,6 +255,29 @@ def test_data_errors_met_during_training_are_one_line_errors(tmp_path, demo_dir,
     assert "max_length" in line
 
 
+def test_a_run_stopped_by_bad_data_names_the_checkpoint_to_resume(tmp_path, demo_dir, capsys):
+    # A run hours in that meets a bad image (on_bad_image: error) ends as a Ctrl-C ends it: where to go on from.
+    annotations = json.loads((demo_dir / "captions_train.json").read_text())
+    (tmp_path / "images").mkdir()
+    for image in annotations["images"]:
+        shutil.copy(demo_dir / "images" / image["file_name"], tmp_path / "images")
+    config = tiny_config(demo_dir, tmp_path / "out")
+    config["data"]["train"].update(image_directory=str(tmp_path / "images"), max_samples=16)
+    config["data"].update(on_bad_image="error", val=None)
+    config["training_args"].update(batch_size=4, max_steps=2, save_steps=2)
+    path = str(write(tmp_path / "c.yaml", config))
+    status, err = run(["--phase_one", "--config", path], capsys)
+    assert status == 0, err
+    bad = annotations["images"][0]["file_name"]
+    (tmp_path / "images" / bad).write_bytes(b"not an image")  # e.g. a network disk's file gone bad meanwhile
+    status, err = run(["--phase_one", "--config", path, "--resume", "--max_steps", "8"], capsys)  # two epochs
+    latest = train.complete_checkpoints(tmp_path / "out")[-1]
+    assert one_line_error(status, err).endswith(
+        f"{bad}: cannot be decoded as an image (cannot identify image file '{tmp_path / 'images' / bad}'): the "
+        f"latest complete checkpoint is {latest}; once the data is fixed, the same command with --resume continues"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ config file
 def test_unreadable_config_text_and_bad_set_values_are_one_line_errors(tmp_path, demo_dir, capsys, monkeypatch):
     latin1 = tmp_path / "latin1.yaml"

@@ -402,7 +402,10 @@ def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir, ca
     }
     config["training_args"].update(max_steps=8, eval_steps=None, save_steps=100)
     assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config))]) == 2
-    assert capsys.readouterr().err == f"error: {bad / first}: empty file (0 bytes)\n"
+    assert capsys.readouterr().err == (
+        f"error: {bad / first}: empty file (0 bytes) before any checkpoint was complete: once the data is fixed, "
+        "the same command starts the run again\n"
+    )
 
 
 def _weights(directory: Path) -> dict:
