@@ -83,6 +83,11 @@ MAX_REPLACEMENTS = 50
 SKIPPED = {"num_bad_images": "bad image(s)", "num_bad_records": "bad record(s)"}
 
 
+def skipped_name(key: str) -> str:
+    """The name a SKIPPED count is logged under (tensorboard, trainer_state.json): bad_images_skipped, ..."""
+    return f"{key.removeprefix('num_')}_skipped"
+
+
 class PackedRecords(Sequence):
     """Records pickled one after another into a single bytes object: a read-only sequence of ``Record``.
 

@@ -80,7 +80,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import TrainerCallback, TrainerState, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import logging as hf_logging
 
 from backbones import CheckpointError, quantize_language_model, use_liger_kernels
@@ -294,12 +295,16 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
         logger.info("%s is the last step of the run: writing the final model only", resume_dir.name)
         if trainer.args.should_save:  # a kill between that checkpoint's marker and the rotation kept one too many
             rotate_checkpoints(output_dir, config["training_args"]["save_total_limit"])
+        trainer.state = TrainerState.load_from_json(str(resume_dir / TRAINER_STATE_NAME))  # the run's log, for it
     else:
         train_with_progress(trainer, f"phase {phase}", resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     if trainer.args.should_save:
         with writing(output_dir, output_dir):
             model.save_pretrained(output_dir)
             (output_dir / RUN_RECORD).write_text(trainer.run_record, encoding="utf-8")
+            # trainer_state.json, the whole run's log_history to its end: a checkpoint's stops at its step, before
+            # the last epoch's skipped-sample counts and the run's train_loss and runtime.
+            trainer.save_state()
         logger.info("phase %s done in %.0f s: model in %s", phase, time.time() - started, output_dir)
     trainer.accelerator.wait_for_everyone()
     return model.eval()  # ready to use: LoRA dropout off, as from_pretrained returns a model

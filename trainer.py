@@ -38,7 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput
 
 from backbones import CheckpointError, read_config_file
 from config import COMPLETE_MARKER, RUN_RECORD, ConfigError, complete_checkpoints, last_line
-from dataset import SKIPPED, BadImageError, BadRecordError
+from dataset import SKIPPED, BadImageError, BadRecordError, skipped_name
 from generate import generate
 from model import loss_per_sample
 from processor import IMAGE_TOKEN
@@ -88,7 +88,9 @@ class PhiClipTrainer(Trainer):
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = samples = 0
+        skipped = torch.zeros(len(SKIPPED), dtype=torch.long)
         for inputs in dataloader:
+            skipped += torch.stack([inputs[key].cpu() if key in inputs else torch.tensor(0) for key in SKIPPED])
             inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k not in SKIPPED})
             with torch.no_grad(), self.compute_loss_context_manager():
                 logits = model(**inputs).logits  # the supervised positions' logits, row by row
@@ -97,6 +99,10 @@ class PhiClipTrainer(Trainer):
             tokens, samples = tokens + int(counts.sum()), samples + len(counts)
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
         metrics = {f"{metric_key_prefix}_loss": float(loss_sum) / max(tokens, 1)}
+        if self.accelerator.num_processes > 1:
+            skipped = self.accelerator.reduce(skipped.to(self.accelerator.device), "sum").cpu()
+        # The loss above left these samples out (each replaced by the next usable one): said beside it where any.
+        metrics |= {f"{metric_key_prefix}_{skipped_name(k)}": n for k, n in zip(SKIPPED, skipped.tolist()) if n}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=samples)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -215,7 +221,7 @@ class EpochDraws(TrainerCallback):
 
 class ProgressReport(TrainerCallback):
     """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
-    skipped-sample counts at each epoch end."""
+    skipped-sample counts at each epoch end (in the log, in tensorboard and in trainer_state.json's log_history)."""
 
     def __init__(self, trainer: PhiClipTrainer, val_set: Dataset | None, count: int):
         self.trainer, self.samples = trainer, []
@@ -236,25 +242,33 @@ class ProgressReport(TrainerCallback):
         # The first question, with the images it shows (a conversation may show its image in a later question).
         images = [s["images"][: prompt.count(IMAGE_TOKEN)] for s, prompt in zip(self.samples, prompts)]
         replies = generate(model, prompts, images, max_new_tokens=32)
-        lines = []
+        lines, step = [], f"step {state.global_step}"
         for sample, reply in zip(self.samples, replies):
             reference = sample["conversation"][1]["content"]
-            logger.info("step %d caption %s: %r (reference %r)", state.global_step, sample["id"], reply, reference)
+            logger.info("%s caption %s: %r (reference %r)", step, sample["id"], reply, reference)
             lines.append(f"| {sample['id']} | {reply} | {reference} |")
-        board = next((c for c in self.trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
-        if board is not None and board.tb_writer is not None:
+        if (board := self._board()) is not None:
             table = "| sample | reply | reference |\n|---|---|---|\n" + "\n".join(lines)
-            board.tb_writer.add_text("eval/captions", table, state.global_step)
+            board.add_text("eval/captions", table, state.global_step)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         accelerator = self.trainer.accelerator
         counts = torch.tensor([self.trainer.skipped[key] for key in SKIPPED])
         if accelerator.num_processes > 1:
             counts = accelerator.reduce(counts.to(accelerator.device), "sum").cpu()
+        values = {skipped_name(key): int(n) for key, n in zip(SKIPPED, counts)}
+        state.log_history.append({"epoch": state.epoch or 0, **values, "step": state.global_step})
         if state.is_world_process_zero:
             skipped = ", ".join(f"{int(n)} {what} skipped" for n, what in zip(counts, SKIPPED.values()))
             logger.info("epoch %.2f: %s", state.epoch or 0, skipped)
+            for name, value in values.items() if (board := self._board()) is not None else ():
+                board.add_scalar(f"train/{name}", value, state.global_step)
         self.trainer.skipped = dict.fromkeys(SKIPPED, 0)
+
+    def _board(self) -> Any:
+        """The TensorBoard writer of this run (None when it reports to no TensorBoard, or not from this process)."""
+        boards = [c for c in self.trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+        return boards[0].tb_writer if boards else None
 
 
 class LogLines(TrainerCallback):

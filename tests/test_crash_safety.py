@@ -224,6 +224,8 @@ def test_a_resume_that_only_writes_the_final_model_still_keeps_save_total_limit(
     assert train.main(["--phase_one", "--config", str(path), "--resume"]) == 0
     assert [p.name for p in train.complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     assert (out / "config.json").is_file()
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]  # the run's log, not an empty one
+    assert logged == json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
 
 
 def test_evaluate_killed_while_writing_leaves_no_earlier_figures_beside_new_captions(make_model, tmp_path, monkeypatch):

@@ -408,6 +408,32 @@ def test_on_bad_image_error_stops_the_run_naming_the_file(tmp_path, demo_dir, ca
     )
 
 
+def test_skipped_samples_are_counted_in_tensorboard_and_the_trainer_state(tmp_path, demo_dir, caplog):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    images = tmp_path / "images"
+    shutil.copytree(demo_dir / "images", images)
+    train_images = json.loads((demo_dir / "captions_train.json").read_text())["images"]
+    val_images = json.loads((demo_dir / "captions_val.json").read_text())["images"]
+    for name in (train_images[3]["file_name"], val_images[2]["file_name"]):  # val: past the report's caption
+        (images / name).write_bytes(b"not an image")
+    config = tiny_config(demo_dir, tmp_path / "p1", data={"num_workers": 1, "eval_captions": 1})
+    for split, size in (("train", 16), ("val", 4)):
+        config["data"][split].update(image_directory=str(images), max_samples=size)
+    config["training_args"].update(max_steps=4, eval_steps=2, save_steps=4, report_to="tensorboard")  # 2 epochs
+    caplog.set_level(logging.INFO, logger="train")
+    assert train.main(["--phase_one", "--config", str(write(tmp_path / "one.yaml", config))]) == 0
+    assert "phase one step 2/4: eval_loss" in caplog.text and ", eval_bad_images_skipped 1," in caplog.text
+    events = event_accumulator.EventAccumulator(str(tmp_path / "p1" / "runs"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/bad_images_skipped")] == [(2, 1), (4, 1)]  # per epoch
+    assert [(e.step, e.value) for e in events.Scalars("eval/bad_images_skipped")] == [(2, 1), (4, 1)]
+    assert [e.step for e in events.Scalars("train/bad_records_skipped")] == [2, 4]
+    # The final model's trainer_state.json holds the whole run's log; the last checkpoint's stops before its end.
+    history = json.loads((tmp_path / "p1" / "trainer_state.json").read_text())["log_history"]
+    assert [(e["step"], e["bad_images_skipped"]) for e in history if "bad_images_skipped" in e] == [(2, 1), (4, 1)]
+    assert [e["step"] for e in history if "train_loss" in e] == [4]
+
+
 def _weights(directory: Path) -> dict:
     tensors = {f"adapter.{k}": v for k, v in load_file(directory / "adapter.safetensors").items()}
     for name in ("lora_text", "lora_vision"):
