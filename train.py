@@ -287,7 +287,7 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
             "an epoch's last step repeats %d sample(s) from its start to fill %d processes", repeated, processes
         )
     trainer.add_callback(EpochDraws(train_set))
-    trainer.add_callback(ProgressReport(trainer, val_set, config["data"]["eval_captions"]))
+    trainer.add_callback(ProgressReport(trainer, val_set, config["data"]["eval_captions"], f"phase {phase}"))
     for callback in callbacks:
         trainer.add_callback(callback)
     if resume_dir is not None and finished(resume_dir, config["training_args"]["max_steps"]):

@@ -223,8 +223,8 @@ class ProgressReport(TrainerCallback):
     """Greedy captions for a few fixed val images at each evaluation (in the log, and in tensorboard as text);
     skipped-sample counts at each epoch end (in the log, in tensorboard and in trainer_state.json's log_history)."""
 
-    def __init__(self, trainer: PhiClipTrainer, val_set: Dataset | None, count: int):
-        self.trainer, self.samples = trainer, []
+    def __init__(self, trainer: PhiClipTrainer, val_set: Dataset | None, count: int, stage: str = "training"):
+        self.trainer, self.samples, self.stage = trainer, [], stage
         for index in range(len(val_set) if val_set and count else 0):
             try:  # the first usable samples: bad images and records are skipped as the val loss skips them
                 sample = val_set[index]
@@ -242,7 +242,7 @@ class ProgressReport(TrainerCallback):
         # The first question, with the images it shows (a conversation may show its image in a later question).
         images = [s["images"][: prompt.count(IMAGE_TOKEN)] for s, prompt in zip(self.samples, prompts)]
         replies = generate(model, prompts, images, max_new_tokens=32)
-        lines, step = [], f"step {state.global_step}"
+        lines, step = [], f"{self.stage} step {state.global_step}"
         for sample, reply in zip(self.samples, replies):
             reference = sample["conversation"][1]["content"]
             logger.info("%s caption %s: %r (reference %r)", step, sample["id"], reply, reference)
@@ -260,7 +260,7 @@ class ProgressReport(TrainerCallback):
         state.log_history.append({"epoch": state.epoch or 0, **values, "step": state.global_step})
         if state.is_world_process_zero:
             skipped = ", ".join(f"{int(n)} {what} skipped" for n, what in zip(counts, SKIPPED.values()))
-            logger.info("epoch %.2f: %s", state.epoch or 0, skipped)
+            logger.info("%s epoch %.2f: %s", self.stage, state.epoch or 0, skipped)
             for name, value in values.items() if (board := self._board()) is not None else ():
                 board.add_scalar(f"train/{name}", value, state.global_step)
         self.trainer.skipped = dict.fromkeys(SKIPPED, 0)

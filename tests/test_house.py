@@ -188,4 +188,6 @@ def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
         assert announced in log, log
     for labelled in ("text warm-up step 1/2: loss", "phase one step 2/2: eval_loss", "phase two step 1/2: loss"):
         assert labelled in log, log
+    for labelled in ("phase one step 2 caption", "phase two step 2 caption", "phase one epoch", "phase two epoch"):
+        assert labelled in log, log  # the report's lines too: a demo's log holds both phases' steps 1, 2, ...
     assert re.search(r"phase two step 1/2: loss .*, left \d+:\d\d:\d\d$", log, re.M), log  # time left at this pace
