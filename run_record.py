@@ -5,11 +5,13 @@ checks against a checkpoint (its step, global batch and seed) before any weight 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +44,57 @@ def describe_run(
 
     # phase_one / phase_two are the original's spelling of data.train, which holds them now (both: an error)
     values = {k: v for k, v in config.items() if k not in ("path", "phase_one", "phase_two")}
+    versions = f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {version_of(p)}" for p in PACKAGES)
     lines = [
         f"# The config of a phase-{phase} run of train.py, read from {config['path']} with defaults filled in.",
         f"# Rerun: python train.py{' --phase_one' if phase == 'one' else ''} --config <this file> "
         "--set checkpoint.output_dir=<a new directory>",
         f"# Relative paths start from {os.getcwd()}.",
-        *([f"# Resumed from {resumed_from}."] if resumed_from else []),
+        *(_resume_lines(Path(resumed_from), values, versions) if resumed_from else []),
         *([f"# Training samples: {training_samples}."] if training_samples is not None else []),
-        f"# python {sys.version.split()[0]}, " + ", ".join(f"{p} {version_of(p)}" for p in PACKAGES),
+        versions,
     ]
     return "\n".join(lines) + "\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+def _resume_lines(checkpoint: Path, values: dict, versions: str) -> list[str]:
+    """Every resume point of the run, the earlier ones from the checkpoint's own record, each with what it changed
+    (config values, library versions): the record above them holds the last part's config only."""
+    try:
+        before = (checkpoint / RUN_RECORD).read_text(encoding="utf-8")
+        earlier_values = yaml.safe_load(before)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a checkpoint older than records, or one edited by hand
+        before, earlier_values = "", None
+    earlier = re.findall(r"^# Resumed from .*$", before, re.MULTILINE)
+    changed = []
+    if isinstance(earlier_values, dict):
+        old, new = dict(_flat(earlier_values)), dict(_flat(values))
+        changed = [
+            f"{key} {_shown(old.get(key))} -> {_shown(new.get(key))}"
+            for key in old | new
+            if old.get(key) != new.get(key)
+        ]
+    old_versions = re.search(r"^# python .*$", before, re.MULTILINE)
+    if old_versions:
+        was = dict(item.split(" ", 1) for item in old_versions[0].removeprefix("# ").split(", "))
+        now = dict(item.split(" ", 1) for item in versions.removeprefix("# ").split(", "))
+        changed += [f"{name} {was[name]} -> {now[name]}" for name in now if was.get(name, now[name]) != now[name]]
+    note = f" (changed: {', '.join(changed)})" if changed else ""
+    return [*earlier, f"# Resumed from {checkpoint}{note}."]
+
+
+def _flat(values: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """A nested config as (dotted key, value) pairs, as --set names them."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _shown(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, int], seed: int, phase: str) -> None:

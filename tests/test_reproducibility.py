@@ -58,6 +58,24 @@ def test_a_resume_with_another_seed_is_refused_and_another_training_set_warned_o
     assert "that run's training set had 64 samples, this one has 16" in caplog.text
 
 
+def test_the_record_of_a_run_resumed_twice_names_both_resume_points_and_what_each_changed(tmp_path, demo_dir):
+    config = tiny_config(demo_dir, tmp_path / "p1")
+    config["training_args"].update(max_steps=2, save_steps=1, eval_steps=None)
+    path = str(write(tmp_path / "one.yaml", config))
+    assert train.main(["--phase_one", "--config", path]) == 0
+    assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "3"]) == 0
+    lr = ["--set", "training_args.learning_rate=1e-3"]
+    assert train.main(["--phase_one", "--config", path, "--resume", "--max_steps", "4", *lr]) == 0
+    record = (tmp_path / "p1" / RUN_RECORD).read_text()
+    resumes = [line for line in record.splitlines() if line.startswith("# Resumed from")]
+    assert resumes == [
+        f"# Resumed from {tmp_path / 'p1' / 'checkpoint-2'} (changed: training_args.max_steps 2 -> 3).",
+        f"# Resumed from {tmp_path / 'p1' / 'checkpoint-3'} (changed: training_args.max_steps 3 -> 4, "
+        "training_args.learning_rate 0.003 -> 0.001).",
+    ]
+    assert train.load_config(tmp_path / "p1" / RUN_RECORD, phase="one")["training_args"]["learning_rate"] == 1e-3
+
+
 class Stop(TrainerCallback):
     """Stops the run after step 3 is logged, one step past its checkpoint, as a kill would."""
 
