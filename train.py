@@ -263,13 +263,17 @@ def _run_training(config: dict, phase: str, output_dir: Path, resume, callbacks)
     elif phase == "two" and config["text_warmup"]["steps"] > 0:  # e.g. one --set for both phases of the demo
         logger.warning("text_warmup runs before phase one only: phase two trains on the model it loads")
     counts, trains = model.parameter_counts(), "the adapter" if phase == "one" else "the adapter and LoRA"
+    # Where the run starts from and writes to, for a log read later: the model of a phase-two start is load_dir's.
+    source = f" from {config['checkpoint']['load_dir']}" if phase == "two" and resume_dir is None else ""
     logger.info(
-        "phase %s: training %s, %s of %s parameters (%d training samples)",
+        "phase %s: training %s, %s of %s parameters (%d training samples)%s into %s",
         phase,
         trains,
         f"{counts['trainable']:,}",
         f"{counts['total']:,}",
         len(train_set),
+        source,
+        output_dir,
     )
     trainer = PhiClipTrainer(
         model=model,

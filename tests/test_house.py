@@ -190,4 +190,7 @@ def test_a_captured_two_phase_run_logs_labelled_lines_without_noise(tmp_path):
         assert labelled in log, log
     for labelled in ("phase one step 2 caption", "phase two step 2 caption", "phase one epoch", "phase two epoch"):
         assert labelled in log, log  # the report's lines too: a demo's log holds both phases' steps 1, 2, ...
+    p1, p2 = (re.escape(str(tmp_path / name)) for name in ("p1", "p2"))  # where each run starts from and writes
+    assert re.search(rf"phase one: training the adapter, .* into {p1}$", log, re.M), log
+    assert re.search(rf"phase two: training the adapter and LoRA, .* from {p1} into {p2}$", log, re.M), log
     assert re.search(r"phase two step 1/2: loss .*, left \d+:\d\d:\d\d$", log, re.M), log  # time left at this pace
