@@ -19,8 +19,8 @@ import yaml
 from packaging.version import Version
 from transformers import __version__ as TRANSFORMERS_VERSION
 
-from config import RUN_RECORD, ConfigError, checkpoint_step
-from trainer import saved_batch_shape
+from config import COMPLETE_MARKER, RUN_RECORD, ConfigError, checkpoint_step
+from trainer import batch_shape
 
 logger = logging.getLogger("train")
 
@@ -150,6 +150,15 @@ def check_resume_point(resume_dir: Path, complete: list[Path], now: dict[str, in
             f"--resume {resume_dir}: that run's seed was {recorded['seed']} ({resume_dir / RUN_RECORD}), this one's "
             f"is {seed}: its data order and caption draws would not continue where it stopped; keep the seed"
         )
+
+
+def saved_batch_shape(checkpoint: Path) -> dict[str, int] | None:
+    """The batch shape recorded in a checkpoint's marker (None for a checkpoint written before it was recorded)."""
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+        return {k: int(recorded[k]) for k in batch_shape(0, 0, 0)}
+    except (OSError, ValueError, TypeError, KeyError):  # a legacy "N" marker, or one edited by hand
+        return None
 
 
 def check_training_set(resume_dir: Path, samples: int) -> None:

@@ -69,6 +69,11 @@ class PhiClipTrainer(Trainer):
             self.skipped[key] += int(count) if count is not None and model.training else 0
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer's log without total_flos, which Trainer counts only for a transformers model (here always 0)."""
+        logs.pop("total_flos", None)
+        super().log(logs, start_time)
+
     def evaluation_loop(
         self,
         dataloader: DataLoader,
@@ -317,15 +322,6 @@ def train_with_progress(trainer: Trainer, stage: str, **train_kwargs: Any) -> No
 def batch_shape(processes: int, batch_size: int, accumulation: int) -> dict[str, int]:
     """What one optimizer step consumes: a resumed run continues the data and the schedule only if it is the same."""
     return {"processes": processes, "batch_size": batch_size, "gradient_accumulation_steps": accumulation}
-
-
-def saved_batch_shape(checkpoint: Path) -> dict[str, int] | None:
-    """The batch shape recorded in a checkpoint's marker (None for a checkpoint written before it was recorded)."""
-    try:
-        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-        return {k: int(recorded[k]) for k in batch_shape(0, 0, 0)}
-    except (OSError, ValueError, TypeError, KeyError):  # a legacy "N" marker, or one edited by hand
-        return None
 
 
 def finished(checkpoint: Path, max_steps: int = -1) -> bool:

@@ -308,7 +308,8 @@ def test_a_phase_two_dry_run_says_when_it_plans_without_the_phase_one_model(tmp_
 
 
 def test_checkpoint_markers_without_a_readable_batch_shape_skip_the_resume_batch_check(tmp_path):
-    from trainer import COMPLETE_MARKER, saved_batch_shape
+    from run_record import saved_batch_shape
+    from trainer import COMPLETE_MARKER
 
     shape = {"processes": 2, "batch_size": 4, "gradient_accumulation_steps": 1}
     for text, expected in (
