@@ -45,14 +45,15 @@ if __name__ == "__main__":
 
 import torch  # the heavy imports follow the early argument check above
 
-from model import CheckpointError, PhiClipMLLM, generate  # generate() lives with the model (`from model import
-from processor import BadImageError  # generate` works, as in the original); this file is its command line
+# generate() lives with the model (`from model import generate` works, as in the original); this is its command line.
+from model import CheckpointError, PhiClipMLLM, generate
+from processor import BadImageError
 
 
 def choose_device(argument: str | None) -> str:
     """The device `--device` names (default: cuda when available), or one `error:` line when it cannot be used here.
 
-    Shared by generate.py, chat.py and evaluate.py, so that a typo fails before a model loads, not in `.to(device)`.
+    Shared by every command line that loads a model, so that a typo fails before it loads, not in `.to(device)`.
     """
     if argument is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
