@@ -126,18 +126,6 @@ def memory_breakdown(
     return {name: value / 1e9 for name, value in parts.items()}
 
 
-def estimate_memory(
-    model: PhiClipMLLM,
-    batch_size: int,
-    seq_len: int,
-    checkpointing: bool,
-    quantize: str | None = None,
-    optim: str = "adamw_torch",
-) -> float:
-    """Peak GPU memory (GB) a card needs for one training step; see memory_breakdown for the assumptions."""
-    return memory_breakdown(model, batch_size, seq_len, checkpointing, quantize, optim)["total"]
-
-
 def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
     """The configured model on the meta device (no weights), and what the report says about it.
 
@@ -209,8 +197,7 @@ def fit_advice(model: PhiClipMLLM, config: dict, settings: dict, gpu_memory_gb: 
     batch, global_batch = args["batch_size"], args["batch_size"] * args["gradient_accumulation_steps"]
 
     def estimate(size: int, **changes) -> float:
-        values = settings | changes
-        return estimate_memory(model, size, seq_len, values["checkpointing"], values["quantize"], values["optim"])
+        return memory_breakdown(model, size, seq_len, **(settings | changes))["total"]
 
     def largest_batch(switches: str = "", **changes) -> str:
         for size in range(batch - 1, 0, -1):
@@ -291,6 +278,6 @@ def dry_run(config: dict, phase: str, gpu_memory_gb: float = 24.0) -> str:
             f"    {'with' if checkpointing else 'without'} gradient checkpointing{configured}: "
             f"{parts['total']:.1f} GB ({parts['allocated']:.1f} allocated), {verdict} in {gpu_memory_gb:g} GB"
         )
-    if estimate_memory(model, batch, seq_len, **settings) > gpu_memory_gb:
+    if memory_breakdown(model, batch, seq_len, **settings)["total"] > gpu_memory_gb:
         lines += fit_advice(model, config, settings, gpu_memory_gb)
     return "\n".join(lines)
