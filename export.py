@@ -217,7 +217,7 @@ def llava_config(model: PhiClipMLLM, activation: str, dtype: torch.dtype) -> Lla
     text_config = copy.deepcopy(model.text_model.config)
     for sub_config, architecture in ((vision_config, "CLIPVisionModel"), (text_config, "Phi3ForCausalLM")):
         sub_config.architectures = [architecture]  # vLLM picks the text model by it
-        sub_config._attn_implementation = None  # ours may name attention registered in model.py only
+        sub_config._attn_implementation = None  # ours may name attention registered in backbones.py only
         sub_config.dtype = dtype
         sub_config._name_or_path = ""  # else a local path of the exporting machine
     text_config.pad_token_id = model.processor.pad_token_id
