@@ -166,7 +166,7 @@ CHAT_TEMPLATES = {
 }
 
 
-def merge_lora(model: PhiClipMLLM) -> PhiClipMLLM:
+def merge_and_dequantize(model: PhiClipMLLM) -> PhiClipMLLM:
     """Merge any LoRA into its backbone and dequantise a quantised LM, in place; returns the model.
 
     A Llava directory holds plain weights. A model trained quantised (model.quantize) computed with the dequantised
@@ -247,7 +247,7 @@ def to_llava(model: PhiClipMLLM, dtype: torch.dtype = torch.float32) -> LlavaFor
     if problem:
         raise ValueError(problem)
     if model.config.lora_text or model.config.lora_vision:
-        raise ValueError("merge LoRA first (export.merge_lora)")
+        raise ValueError("merge LoRA first (export.merge_and_dequantize)")
     activation, projector_tensors = projector_state(model)
     config = llava_config(model, activation, dtype)
     with torch.device("meta"):
@@ -328,7 +328,7 @@ def export_llava(
     quantize, probe = model.config.quantize, probe_batch(model)
     with torch.no_grad():  # the reference is the model as trained: quantised, LoRA unmerged
         reference = model(**probe).logits.float() if check else None
-    model = merge_lora(model)
+    model = merge_and_dequantize(model)
     recipe = read_config_file(checkpoint / "config.json", "PhiClipMLLM")  # as trained, LoRA settings included
     llava = to_llava(model, torch.float32)
     if check:
@@ -403,9 +403,9 @@ def model_card(
         f"- prompt format: `{recipe.get('prompt_format', 'chat')}`; the image token is `{IMAGE_TOKEN}`",
         f"- weights: {str(dtype).removeprefix('torch.')} safetensors",
     ]
-    for name_, settings in (("LM", recipe.get("lora_text")), ("vision", recipe.get("lora_vision"))):
+    for label, settings in (("LM", recipe.get("lora_text")), ("vision", recipe.get("lora_vision"))):
         if settings:
-            lines.append(f"- {name_} LoRA (merged): " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+            lines.append(f"- {label} LoRA (merged): " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     if training_config:
         lines += _training_lines(training_config)
     metrics = sorted(checkpoint.glob("metrics_*.json"))
