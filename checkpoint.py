@@ -27,7 +27,7 @@ from torch import nn
 
 from backbones import CheckpointError, not_on_this_machine, quiet_loading, read_config_file
 from config import ADAPTER_FILE, ConfigError, PhiClipConfig, backbone_architecture, checkpoint_directory
-from lora import without_lora
+from lora import base_model, without_lora
 from quantization import dequantized, is_quantized
 
 SUBDIRECTORIES = ("text_model", "vision_model", "lora_text", "lora_vision")  # written only where needed
@@ -60,7 +60,7 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
                     # 20 s a backbone with no network), and store all of lm_head where LoRA targets it.
                     backbone.save_pretrained(staging / f"lora_{name}", save_embedding_layers=False)
             if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
-                base = backbone.get_base_model() if has_lora else backbone
+                base = base_model(backbone)
                 with quiet_loading():
                     base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
                     base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from config import ConfigError, require_bitsandbytes
+from lora import base_model
 
 QUANTIZED_PARAMETERS = ("Params4bit", "Int8Params")  # bitsandbytes' weight classes
 INT8_MATMUL_LOGGER = "bitsandbytes.autograd._functions"  # logs "inputs will be cast ... to float16" at every matmul
@@ -147,7 +148,7 @@ def dequantized(backbone: nn.Module) -> nn.Module:
     from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     has_lora = isinstance(backbone, PeftModel)
-    base = backbone.get_base_model() if has_lora else backbone
+    base = base_model(backbone)
     dtype, device = base.get_input_embeddings().weight.dtype, base.get_input_embeddings().weight.device
     state = {}
     for module_name, module in base.named_modules():
