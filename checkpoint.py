@@ -36,8 +36,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = False) -> Path:
     """PhiClipMLLM.save_pretrained (see there) for `model`, a PhiClipMLLM (model.py imports this file, not back)."""
-    from peft import PeftModel
-
     if merge_lora:
         model.merge_lora()
     directory = Path(directory).absolute()  # "." has no name to stage beside
@@ -45,41 +43,51 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        config = copy.deepcopy(model.config)
-        for key in ("text_model", "vision_model", "tokenizer"):
-            value = getattr(config, key)
-            if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
-                setattr(config, key, str(Path(value).expanduser().resolve()))
-        for name in ("text", "vision"):
-            backbone = getattr(model, f"{name}_model")
-            has_lora = isinstance(backbone, PeftModel)
-            if has_lora:
-                with quiet_loading():
-                    # The base embeddings and lm_head are frozen and never resized: they belong to the backbone,
-                    # not here. peft's "auto" would ask the Hub for the base model's config at every save (about
-                    # 20 s a backbone with no network), and store all of lm_head where LoRA targets it.
-                    backbone.save_pretrained(staging / f"lora_{name}", save_embedding_layers=False)
-            if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
-                base = base_model(backbone)
-                with quiet_loading():
-                    base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
-                    base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
-                if f"{name}_model" not in config.saved_backbones:
-                    config.saved_backbones.append(f"{name}_model")
-        adapter_state = {k: v.detach().contiguous() for k, v in model.vision_adapter.state_dict().items()}
-        save_file(adapter_state, staging / ADAPTER_FILE)
-        model.tokenizer.save_pretrained(staging)
-        model.image_processor.save_pretrained(staging)
-        (staging / "config.json").write_text(config.to_json_string())
+        _write_model_files(model, staging)
     except BaseException:  # a full disk, Ctrl-C: no half-written copy is left to fill the disk
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
         staging.rename(directory)
-        return directory
     except OSError:  # it exists (other ranks may be writing Trainer's files into a checkpoint directory now)
-        pass
-    # Without config.json a directory is not loadable, so readers never see a half-replaced model.
+        _replace_model_files(directory, staging)
+    return directory
+
+
+def _write_model_files(model: nn.Module, staging: Path) -> None:
+    """Every file of the checkpoint into `staging`, config.json last."""
+    from peft import PeftModel
+
+    config = copy.deepcopy(model.config)
+    for key in ("text_model", "vision_model", "tokenizer"):
+        value = getattr(config, key)
+        if isinstance(value, str) and Path(value).expanduser().exists():  # a local path, loadable from anywhere
+            setattr(config, key, str(Path(value).expanduser().resolve()))
+    for name in ("text", "vision"):
+        backbone = getattr(model, f"{name}_model")
+        if isinstance(backbone, PeftModel):
+            with quiet_loading():
+                # The base embeddings and lm_head are frozen and never resized: they belong to the backbone, not
+                # here. peft's "auto" would ask the Hub for the base model's config at every save (about 20 s a
+                # backbone with no network), and store all of lm_head where LoRA targets it.
+                backbone.save_pretrained(staging / f"lora_{name}", save_embedding_layers=False)
+        if isinstance(getattr(config, f"{name}_model"), dict) or f"{name}_model" in config.saved_backbones:
+            base = base_model(backbone)
+            with quiet_loading():
+                base = dequantized(base) if is_quantized(base) else base  # never store quantised weights
+                base.save_pretrained(staging / f"{name}_model", state_dict=without_lora(base.state_dict()))
+            if f"{name}_model" not in config.saved_backbones:
+                config.saved_backbones.append(f"{name}_model")
+    adapter_state = {k: v.detach().contiguous() for k, v in model.vision_adapter.state_dict().items()}
+    save_file(adapter_state, staging / ADAPTER_FILE)
+    model.tokenizer.save_pretrained(staging)
+    model.image_processor.save_pretrained(staging)
+    (staging / "config.json").write_text(config.to_json_string())
+
+
+def _replace_model_files(directory: Path, staging: Path) -> None:
+    """Move the staged files into an existing `directory`, which keeps what else it holds. Without config.json a
+    directory is not loadable, so it goes first and comes back last: no reader sees a half-replaced model."""
     replaced_model = any((directory / name).is_file() for name in ("config.json", ADAPTER_FILE))
     (directory / "config.json").unlink(missing_ok=True)
     if replaced_model:  # what belonged to the replaced model: its backbones or LoRA, evaluate.py's figures of it
@@ -93,7 +101,6 @@ def save_checkpoint(model: nn.Module, directory: str | Path, merge_lora: bool = 
             shutil.rmtree(target)
         os.replace(entry, target)
     staging.rmdir()
-    return directory
 
 
 def load_checkpoint(
