@@ -142,27 +142,10 @@ def load_backbone(
     if stored:
         source = str(checkpoint_dir / key)
     if isinstance(source, dict):
-        values = dict(source)
-        if name == "text":
-            # An inline LM is sized for the tokenizer it comes with.
-            values.setdefault("vocab_size", len(tokenizer))
-            values.setdefault("pad_token_id", tokenizer.pad_token_id)
-            values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
-            values.setdefault("bos_token_id", None)
-            if values["vocab_size"] < len(tokenizer):
-                raise ConfigError(
-                    f"model.text_model.vocab_size={values['vocab_size']} is smaller than the tokenizer "
-                    f"({len(tokenizer)} tokens): delete the key (an inline LM is sized for its tokenizer) or raise it"
-                )
-        model_config = inline_config(key, values)
-        build = auto_class.from_config if name == "text" else auto_class._from_config
-        with torch.device("meta") if device is not None else contextlib.nullcontext():
-            model = build(model_config, dtype=dtype, attn_implementation=attn)
-        if device is not None:
-            # On the meta device transformers skips initialisation; it runs here once, on the target device (the
-            # CPU path runs torch's default init and then transformers' over it, on the CPU: 164 s at real size).
-            model.to_empty(device=device)
-            model.init_weights()  # every parameter and buffer (RoPE inv_freq, CLIP position_ids) as from_config
+        model = _build_random(key, source, dtype, attn, tokenizer, device)
+        if quantization:
+            with quiet_loading():
+                model = quantize_built(model, dtype, attn, **quantization)
     else:
         if checkpoint_dir is not None and not stored and not_on_this_machine(source):
             raise CheckpointError(
@@ -177,11 +160,41 @@ def load_backbone(
             raise CheckpointError(f"{where} cannot be loaded ({' '.join(str(error).split())[:500]})") from None
         if not stored:
             _check_revision(config, key, hub_revision(source))
-    if quantization and isinstance(source, dict):
-        with quiet_loading():
-            model = quantize_built(model, dtype, attn, **quantization)
     if name == "text" and attn == "sdpa":
         model.set_attn_implementation(attention_with_contiguous_value())
+    return model
+
+
+def _build_random(
+    key: str,
+    values: dict,
+    dtype: torch.dtype | None,
+    attn: str,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device | None,
+) -> nn.Module:
+    """An inline (random-init) backbone, the LM sized for `tokenizer`; built on the meta device given a `device`."""
+    values = dict(values)
+    if key == "text_model":
+        # An inline LM is sized for the tokenizer it comes with.
+        values.setdefault("vocab_size", len(tokenizer))
+        values.setdefault("pad_token_id", tokenizer.pad_token_id)
+        values.setdefault("eos_token_id", tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        values.setdefault("bos_token_id", None)
+        if values["vocab_size"] < len(tokenizer):
+            raise ConfigError(
+                f"model.text_model.vocab_size={values['vocab_size']} is smaller than the tokenizer "
+                f"({len(tokenizer)} tokens): delete the key (an inline LM is sized for its tokenizer) or raise it"
+            )
+    model_config = inline_config(key, values)
+    build = AutoModelForCausalLM.from_config if key == "text_model" else CLIPVisionModel._from_config
+    with torch.device("meta") if device is not None else contextlib.nullcontext():
+        model = build(model_config, dtype=dtype, attn_implementation=attn)
+    if device is not None:
+        # On the meta device transformers skips initialisation; it runs here once, on the target device (the CPU
+        # path runs torch's default init and then transformers' over it, on the CPU: 164 s at real size).
+        model.to_empty(device=device)
+        model.init_weights()  # every parameter and buffer (RoPE inv_freq, CLIP position_ids) as from_config
     return model
 
 
