@@ -75,23 +75,6 @@ RETIRED_KEYS = {
 }
 TORCH_DTYPE_SPELLING = {f"torch.{name}": name for name in DTYPE_NAMES}  # the original wrote `dtype: torch.bfloat16`
 DATA_PATH_KEYS = ("annotation_file", "image_directory", "data_dir")  # dataset.py's path keys
-LORA_KEYS = (
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "lora_dropout",
-    "bias",
-    "use_rslora",
-    "use_dora",
-    "init_lora_weights",
-    "modules_to_save",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "exclude_modules",
-    "fan_in_fan_out",
-)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -457,11 +440,11 @@ def _check_optional_packages(config: dict, path: Path, phase: str | None) -> Non
         )
 
 
-# The LoRA keys peft would only trip over later, deep inside get_peft_model: (accepted types, what to write).
+# The LoRA keys a config may give: five that _check_lora checks one by one, and those peft would only trip over
+# later, deep inside get_peft_model, checked by type: (accepted types, what to write).
 LORA_TYPES = {
     "use_rslora": ((bool,), "true or false"),
     "use_dora": ((bool,), "true or false"),
-    "fan_in_fan_out": ((bool,), "true or false"),
     "init_lora_weights": ((bool, str), "true, false or a peft init name (e.g. gaussian)"),
     "modules_to_save": ((list,), "a list of module names"),
     "layers_to_transform": ((int, list), "a layer index or a list of them"),
@@ -469,7 +452,9 @@ LORA_TYPES = {
     "rank_pattern": ((dict,), "a mapping of module-name pattern to rank"),
     "alpha_pattern": ((dict,), "a mapping of module-name pattern to alpha"),
     "exclude_modules": ((str, list), "a module name (regex) or a list of them"),
+    "fan_in_fan_out": ((bool,), "true or false"),
 }
+LORA_KEYS = ("r", "lora_alpha", "target_modules", "lora_dropout", "bias", *LORA_TYPES)
 
 
 def _check_lora(settings: dict, name: str, require) -> None:
