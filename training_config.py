@@ -227,32 +227,59 @@ def _check_semantics(
 
     require(config["dtype"] in DTYPE_NAMES, f"dtype must be one of {list(DTYPE_NAMES)}, got {config['dtype']!r}")
     require(0 <= config["seed"] < 2**32, f"seed must be in [0, 2**32), got {config['seed']}")
-    require(config["checkpoint"]["output_dir"].strip(), "checkpoint.output_dir is empty: name the run's directory")
+    ckpt, args = config["checkpoint"], config["training_args"]
+    require(ckpt["output_dir"].strip(), "checkpoint.output_dir is empty: name the run's directory")
+    loaded_lora = ("continue", "merge")
+    require(
+        ckpt["loaded_lora"] in loaded_lora,
+        f"checkpoint.loaded_lora must be one of {loaded_lora}, got {ckpt['loaded_lora']!r}",
+    )
     warmup = config["text_warmup"]
     require(warmup["steps"] >= 0, f"text_warmup.steps must be 0 (off) or more, got {warmup['steps']}")
     for key in ("learning_rate", "batch_size"):
         require(0 < warmup[key] < float("inf"), f"text_warmup.{key} must be positive (and finite), got {warmup[key]}")
     require(config["model"] is not None or phase != "one", "model is required for phase one")
     if config["model"] is not None:
-        for key in RECORDED_RUN:
-            config["model"].pop(key, None)
-        recorded = [key for key in RECORDED_LORA if config["model"].get(key)]
-        require(
-            not recorded,
-            f"model.{(recorded or [''])[0]}: recorded by training in a checkpoint's config.json, not a setting "
-            "(LoRA is configured in peft_text / peft_vision)",
-        )
-        try:
-            model = PhiClipConfig.from_dict(config["model"], where="model")
-        except (TypeError, ValueError) as error:
-            raise ConfigError(f"{path}: {error}") from None
-        _check_feature_layer(model, path)
-        require(
-            phase == "two" or not isinstance(model.text_model, dict) or model.tokenizer,
-            "model.tokenizer is required with an inline text_model (a random LM has no tokenizer of its own): "
-            "a tokenizer directory or hub id, e.g. microsoft/Phi-3-mini-4k-instruct",
-        )
-    data, args, ckpt = config["data"], config["training_args"], config["checkpoint"]
+        _check_model_section(config["model"], path, phase, require)
+    _check_data(config, phase, require)
+    _check_training_args(args, require)
+    require(
+        args["lr_scheduler"] not in SCHEDULERS_ON_EVAL_LOSS or (config["data"]["val"] and args["eval_steps"]),
+        f"training_args.lr_scheduler {args['lr_scheduler']} steps on the eval loss: give data.val and eval_steps",
+    )
+    for name in ("peft_text", "peft_vision"):
+        if config[name] is not None:
+            _check_lora(config[name], name, require)
+    _check_phase(config, phase, check_paths and not resuming, require)
+    if check_paths:  # a dry run plans on any machine
+        for name, value in _local_paths(config, phase, splits):
+            require(Path(value).expanduser().exists(), f"{name}: {shown_path(value)} does not exist")
+        _check_optional_packages(config, path, phase)
+
+
+def _check_model_section(model: dict, path: Path, phase: str | None, require) -> None:
+    for key in RECORDED_RUN:
+        model.pop(key, None)
+    recorded = [key for key in RECORDED_LORA if model.get(key)]
+    require(
+        not recorded,
+        f"model.{(recorded or [''])[0]}: recorded by training in a checkpoint's config.json, not a setting "
+        "(LoRA is configured in peft_text / peft_vision)",
+    )
+    try:
+        settings = PhiClipConfig.from_dict(model, where="model")
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+    _check_feature_layer(settings, path)
+    require(
+        phase == "two" or not isinstance(settings.text_model, dict) or settings.tokenizer,
+        "model.tokenizer is required with an inline text_model (a random LM has no tokenizer of its own): "
+        "a tokenizer directory or hub id, e.g. microsoft/Phi-3-mini-4k-instruct",
+    )
+
+
+def _check_data(config: dict, phase: str | None, require) -> None:
+    data = config["data"]
     # The original's data sections: phase_one (COCO captions) trains phase one, phase_two (a cc_sbu_align
     # directory) phase two; its phase-two file carries both.
     original = config["phase_two"] if phase == "two" and config["phase_two"] else config["phase_one"]
@@ -274,21 +301,12 @@ def _check_semantics(
             require(isinstance(source, dict), f"{name}: a data source is a mapping with a format, got {source!r}")
             source.setdefault("on_bad_image", data["on_bad_image"])
             source.setdefault("on_bad_record", data["on_bad_record"])
-    loaded_lora = ("continue", "merge")
-    require(
-        ckpt["loaded_lora"] in loaded_lora,
-        f"checkpoint.loaded_lora must be one of {loaded_lora}, got {ckpt['loaded_lora']!r}",
-    )
     require(data["num_workers"] >= 0, f"data.num_workers must be 0 or more, got {data['num_workers']}")
     require(data["eval_captions"] >= 0, f"data.eval_captions must be 0 or more, got {data['eval_captions']}")
-    _check_training_args(args, require)
-    require(
-        args["lr_scheduler"] not in SCHEDULERS_ON_EVAL_LOSS or (data["val"] and args["eval_steps"]),
-        f"training_args.lr_scheduler {args['lr_scheduler']} steps on the eval loss: give data.val and eval_steps",
-    )
-    for name in ("peft_text", "peft_vision"):
-        if config[name] is not None:
-            _check_lora(config[name], name, require)
+
+
+def _check_phase(config: dict, phase: str | None, check_load_dir: bool, require) -> None:
+    ckpt = config["checkpoint"]
     if phase == "one":  # phase one builds a fresh model and trains its adapter only: these would be ignored
         given = [k for k in ("peft_text", "peft_vision") if config[k]]
         given += ["checkpoint.load_dir"] if ckpt["load_dir"] else []
@@ -305,11 +323,15 @@ def _check_semantics(
             Path(ckpt["load_dir"]).resolve() != Path(ckpt["output_dir"]).resolve(),
             "checkpoint.output_dir must differ from checkpoint.load_dir (the phase-one model)",
         )
-        problem = checkpoint_problem(ckpt["load_dir"]) if check_paths and not resuming else None
+        problem = checkpoint_problem(ckpt["load_dir"]) if check_load_dir else None
         first = (
             "; run phase one first (python train.py --phase_one --config ...)" if problem == "no such directory" else ""
         )
         require(not problem, f"checkpoint.load_dir {shown_path(ckpt['load_dir'])}: {problem}{first}")
+
+
+def _local_paths(config: dict, phase: str | None, splits: tuple) -> list[tuple[str, str]]:
+    """(key, path) of what the run reads from disk: local backbones and tokenizer, the splits' and warm-up's data."""
     # A hub id is `org/name`; absolute, dotted or deeper names are local paths that must exist.
     paths = [
         (f"model.{k}", v)
@@ -319,14 +341,11 @@ def _check_semantics(
         and (v.startswith((".", "/", "~")) or v.count("/") > 1)
     ]
     for split in splits:
-        for source in data_sources(data[split]):
+        for source in data_sources(config["data"][split]):
             paths += [(f"data.{split}.{k}", str(v)) for k, v in source.items() if k in DATA_PATH_KEYS]
     for source in data_sources(config["text_warmup"]["data"]) if phase == "one" else ():
         paths += [(f"text_warmup.data.{k}", str(v)) for k, v in source.items() if k in DATA_PATH_KEYS]
-    for name, value in paths if check_paths else ():
-        require(Path(value).expanduser().exists(), f"{name}: {shown_path(value)} does not exist")
-    if check_paths:  # a dry run plans on any machine
-        _check_optional_packages(config, path, phase)
+    return paths
 
 
 def data_sources(split: dict | list | None) -> list:
