@@ -75,6 +75,9 @@ RETIRED_KEYS = {
 }
 TORCH_DTYPE_SPELLING = {f"torch.{name}": name for name in DTYPE_NAMES}  # the original wrote `dtype: torch.bfloat16`
 DATA_PATH_KEYS = ("annotation_file", "image_directory", "data_dir")  # dataset.py's path keys
+# transformers' schedules that need more than train.py gives them: lr_scheduler_kwargs (min_lr, decay steps)
+SCHEDULERS_WITH_ARGUMENTS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+SCHEDULERS_ON_EVAL_LOSS = ("reduce_lr_on_plateau", "greedy")  # they step on the eval loss: evaluation must run
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -96,9 +99,6 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-# transformers' schedules that need more than train.py gives them: lr_scheduler_kwargs (min_lr, decay steps)
-SCHEDULERS_WITH_ARGUMENTS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
-SCHEDULERS_ON_EVAL_LOSS = ("reduce_lr_on_plateau", "greedy")  # they step on the eval loss: evaluation must run
 
 
 def load_config(
