@@ -116,6 +116,7 @@ class PhiClipProcessor:
                     f"a {turn['role']} turn's text is not valid Unicode: {error.reason} after "
                     f"{turn['content'][: error.start][-40:]!r}"
                 ) from None
+        chat = self.prompt_format == "chat"
         if (
             verbatim_markup
             and len(conversation) == 1
@@ -123,7 +124,6 @@ class PhiClipProcessor:
             and any(tag in conversation[0]["content"] for tag in ("<|user|>", "<|assistant|>"))
         ):  # already in chat markup: take it verbatim
             text = conversation[0]["content"]
-            chat = self.prompt_format == "chat"
             if add_generation_prompt and chat and not text.rstrip().endswith("<|assistant|>"):
                 text += "<|assistant|>\n"
             return text, spans
@@ -131,18 +131,16 @@ class PhiClipProcessor:
             role, content = turn["role"], turn["content"].strip()
             if role == "user":
                 # seed: no space after the separator (Phi-3's tokenizer strips it anyway), so answers start a word
-                text += (
-                    f"<|user|>\n{content}<|end|>\n" if self.prompt_format == "chat" else f"{content} {ANSWER_SEPARATOR}"
-                )
+                text += f"<|user|>\n{content}<|end|>\n" if chat else f"{content} {ANSWER_SEPARATOR}"
             elif role == "assistant":
-                text += "<|assistant|>\n" if self.prompt_format == "chat" else ""
+                text += "<|assistant|>\n" if chat else ""
                 start = len(text)
                 text += content + self.end_token
                 spans.append((start, len(text)))
-                text += "\n" if self.prompt_format == "chat" else " "
+                text += "\n" if chat else " "
             else:
                 raise ValueError(f"conversation role must be 'user' or 'assistant', got {role!r}")
-        if add_generation_prompt and self.prompt_format == "chat":
+        if add_generation_prompt and chat:
             text += "<|assistant|>\n"
         return text, spans
 
@@ -163,7 +161,7 @@ class PhiClipProcessor:
         Returns input_ids, attention_mask, labels (when answers are given) and pixel_values (when images are).
         """
         from_prompts = conversations is None
-        if conversations is None:
+        if from_prompts:
             if prompts is None:
                 raise ValueError("give either prompts or conversations")
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
