@@ -399,16 +399,18 @@ def generate(
 ) -> list[str]:
     """Generate a reply per prompt (x num_return_sequences), prompted exactly as in training: generate_ids' replies
     as text (its docstring says how)."""
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "do_sample": do_sample}
     new_ids = generate_ids(
         model,
         prompts,
         images,
         max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
         repetition_penalty=repetition_penalty,
         num_return_sequences=num_return_sequences,
         streamer=streamer,
-        **sampling,
         **generate_kwargs,
     )
     texts = model.tokenizer.batch_decode(new_ids, skip_special_tokens=True) if len(new_ids) else []  # 5.0: [""]
@@ -475,6 +477,7 @@ def generate_ids(
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         pixel_values = batch.get("pixel_values")
         embeddings = model.embed(input_ids, None if pixel_values is None else pixel_values.to(device))
+        # Greedy decoding ignores them, and transformers warns of any given a value other than its default.
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
         # The ids go along with the embeddings, as in Llava: processors that look at the prompt's tokens
         # (repetition_penalty, no_repeat_ngram_size) see them; the output then starts with the prompt.
