@@ -211,10 +211,10 @@ class PhiClipMLLM(nn.Module):
             # A text-only batch never reaches the vision side, yet its trainable weights must be in the graph:
             # phase one's loss would need no gradient at all, and DDP waits for every rank's gradient of each
             # trainable weight. Zero times their sum adds exact zero gradients and changes nothing else.
-            unused = [
-                p for p in (*self.vision_model.parameters(), *self.vision_adapter.parameters()) if p.requires_grad
-            ]
-            loss = loss + 0.0 * sum(p.sum() for p in unused) if unused else loss
+            vision_side = (*self.vision_model.parameters(), *self.vision_adapter.parameters())
+            unused = [p for p in vision_side if p.requires_grad]
+            if unused:
+                loss = loss + 0.0 * sum(p.sum() for p in unused)
         denominator = num_items_in_batch if num_items_in_batch is not None else supervised.sum().clamp(min=1)
         return PhiClipOutput(loss=loss / denominator, logits=logits)
 
