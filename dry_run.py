@@ -144,7 +144,8 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
     else:
         raise ConfigError(f"{config['path']}: a dry run needs a model section or an existing checkpoint.load_dir")
     names = {key: model_config.get(key, getattr(PhiClipConfig, key)) for key in ("text_model", "vision_model")}
-    text, vision = _architecture(names["text_model"], "text"), _architecture(names["vision_model"], "vision")
+    architectures = {key: _architecture(source, key.removesuffix("_model")) for key, source in names.items()}
+    text, vision = architectures["text_model"], architectures["vision_model"]
     tokenizer_source = str(model_config.get("tokenizer") or names["text_model"])
     try:
         from transformers import AutoTokenizer
@@ -178,8 +179,8 @@ def build_meta_model(config: dict, phase: str) -> tuple[PhiClipMLLM, dict]:
             except ValueError as error:  # targets that match nothing: as train.py's build_model reports them
                 raise ConfigError(f"{config['path']}: {error}") from None
     labels = {
-        name: source if isinstance(source, str) else f"inline {(text if name[0] == 't' else vision)['model_type']}"
-        for name, source in names.items()
+        key: source if isinstance(source, str) else f"inline {architectures[key]['model_type']}"
+        for key, source in names.items()
     }
     about = {"labels": labels, "vocabulary": vocabulary, "quantize": quantize, "notes": []}
     if phase == "two" and not (load_dir / "config.json").is_file():
