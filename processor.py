@@ -351,9 +351,7 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray, short_side: 
                         f"{path}: {width}x{height} = {width * height} pixels exceeds the limit of "
                         f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
                     )
-                _check_resized_size(opened.size, short_side, path)
-                opened.load()
-                return _to_rgb(_upright(opened))
+                return load_image(opened, short_side)
     except BadImageError:
         raise
     except FileNotFoundError as error:
