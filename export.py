@@ -332,21 +332,7 @@ def export_llava(
     recipe = read_config_file(checkpoint / "config.json", "PhiClipMLLM")  # as trained, LoRA settings included
     llava = to_llava(model, torch.float32)
     if check:
-        with torch.no_grad():
-            difference = (llava(**probe).logits.float() - reference).abs().max().item()
-        scale = reference.abs().max().item()
-        # fp32 summation-order noise is far below 1e-4 of the logit scale. LLM.int8 (8bit) also rounds the
-        # activations to 8 bits, which no plain weights reproduce: measured ~1% of the scale on tiny models.
-        tolerance = (3e-2 if quantize == "8bit" else 1e-4) * max(1.0, scale)
-        if not difference <= tolerance:
-            why = " (LLM.int8 rounds activations, which plain weights cannot; --no_check writes it)" * (
-                quantize == "8bit"
-            )
-            raise RuntimeError(
-                f"the Llava's logits differ from the checkpoint's by {difference:.3g}{why}: nothing written"
-            )
-        trained = f"{quantize} " if quantize else ""
-        print(f"check: the Llava's logits equal the {trained}checkpoint's to {difference:.1e} (fp32)", file=sys.stderr)
+        _check_same_logits(llava, probe, reference, quantize)
     processor, generation = llava_processor(model), generation_config(model)
     del model
     llava = llava.to(dtype)
@@ -366,6 +352,26 @@ def export_llava(
         out.rmdir()  # checked empty
     staging.rename(out)
     return out
+
+
+def _check_same_logits(
+    llava: LlavaForConditionalGeneration, probe: dict, reference: torch.Tensor, quantize: str | None
+) -> None:
+    """Raise unless the Llava's logits on the probe are the checkpoint's `reference`; say so when they are."""
+    with torch.no_grad():
+        difference = (llava(**probe).logits.float() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    # fp32 summation-order noise is far below 1e-4 of the logit scale. LLM.int8 (8bit) also rounds the activations
+    # to 8 bits, which no plain weights reproduce: measured ~1% of the scale on tiny models.
+    tolerance = (3e-2 if quantize == "8bit" else 1e-4) * max(1.0, scale)
+    if not difference <= tolerance:
+        why = " (LLM.int8 rounds activations, which plain weights cannot; --no_check writes it)"
+        raise RuntimeError(
+            f"the Llava's logits differ from the checkpoint's by {difference:.3g}{why if quantize == '8bit' else ''}: "
+            "nothing written"
+        )
+    trained = f"{quantize} " if quantize else ""
+    print(f"check: the Llava's logits equal the {trained}checkpoint's to {difference:.1e} (fp32)", file=sys.stderr)
 
 
 def export_merged(checkpoint: str | Path, out: str | Path) -> Path:
