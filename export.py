@@ -134,9 +134,9 @@ import shutil
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from backbones import read_config_file
+from backbones import quiet_loading, read_config_file
 from config import torch_dtype
-from model import PhiClipMLLM, quiet_loading
+from model import PhiClipMLLM
 from processor import ANSWER_SEPARATOR
 from quantization import dequantized, is_quantized
 
