@@ -47,7 +47,6 @@ import torch  # the heavy imports follow the early argument check above
 
 # generate() lives with the model (`from model import generate` works, as in the original); this is its command line.
 from model import CheckpointError, PhiClipMLLM, generate
-from processor import BadImageError
 
 
 def choose_device(argument: str | None) -> str:
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
         text = generate(model, prompt, [args.image], max_new_tokens=args.max_new_tokens, streamer=streamer)[0]
-    except (BadImageError, ValueError) as error:
+    except ValueError as error:  # an image that cannot be read (BadImageError), a prompt too long (TooLong)
         fail(str(error))
     if not args.stream:
         print(text)
