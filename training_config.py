@@ -270,7 +270,12 @@ def _check_model_section(model: dict, path: Path, phase: str | None, require) ->
         settings = PhiClipConfig.from_dict(model, where="model")
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{path}: {error}") from None
-    _check_feature_layer(settings, path)
+    layers = (backbone_architecture(settings.vision_model) or {}).get("num_hidden_layers")
+    if layers is not None:  # else not knowable offline: PhiClipMLLM checks it when the tower is built
+        try:
+            feature_layers_used(settings.vision_feature_layer, layers)  # as PhiClipMLLM will, before any weight loads
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
     require(
         phase == "two" or not isinstance(settings.text_model, dict) or settings.tokenizer,
         "model.tokenizer is required with an inline text_model (a random LM has no tokenizer of its own): "
@@ -351,17 +356,6 @@ def _local_paths(config: dict, phase: str | None, splits: tuple) -> list[tuple[s
 def data_sources(split: dict | list | None) -> list:
     """A data split's sources: one mapping, or a list of them (mixed into one dataset)."""
     return [] if split is None else split if isinstance(split, list) else [split]
-
-
-def _check_feature_layer(model: PhiClipConfig, path: Path) -> None:
-    architecture = backbone_architecture(model.vision_model)
-    layers = (architecture or {}).get("num_hidden_layers")
-    if layers is None:
-        return  # not knowable offline: PhiClipMLLM checks it when the tower is built
-    try:
-        feature_layers_used(model.vision_feature_layer, layers)  # as PhiClipMLLM will, before any weight loads
-    except ValueError as error:
-        raise ConfigError(f"{path}: {error}") from None
 
 
 def _check_training_args(args: dict, require) -> None:
