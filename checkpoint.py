@@ -138,8 +138,8 @@ def load_checkpoint(
             f"tokenizer={runtime['tokenizer']!r}: {path} keeps the tokenizer its embeddings were trained with "
             f"({recorded_tokenizer!r}); load without it"
         )
-    if stored.get("attn_implementation") == "flex_attention":  # accepted before it was dropped; no weight
-        stored["attn_implementation"] = "sdpa"  # depends on it
+    if stored.get("attn_implementation") == "flex_attention":  # accepted once, since dropped; no weight depends on it
+        stored["attn_implementation"] = "sdpa"
     values = stored | runtime
     try:
         config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
