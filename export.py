@@ -97,6 +97,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         values = json.loads(config_file.read_text())
     except ValueError as error:
         fail(f"{config_file}: not valid JSON ({error})")
+    if not isinstance(values, dict):
+        fail(f"{config_file}: expected a JSON object (the model's settings), got {type(values).__name__}")
     out = Path(args.out).expanduser()
     if out.resolve() == checkpoint.resolve():
         fail(f"--out {args.out}: must differ from --checkpoint")

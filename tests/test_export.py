@@ -13,7 +13,7 @@ from conftest import PHI3_TOKENIZER, ROOT, TINY_TEXT, random_image, require_shar
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 import export
-from export import export_llava, export_merged, unsupported_by_llava
+from export import export_llava, unsupported_by_llava
 from model import IMAGE_TOKEN, PhiClipMLLM, generate
 
 TEXT_LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"], "lora_dropout": 0.0}
@@ -285,6 +285,20 @@ def test_a_missing_lora_directory_is_one_error_line(tiny_tokenizer_dir, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_json_that_is_not_an_object_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("[]")  # valid JSON, but no model's settings
+    (tmp_path / "ckpt" / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exited:
+        export.main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1, lines
+    assert (
+        lines[0]
+        == f"error: {tmp_path / 'ckpt' / 'config.json'}: expected a JSON object (the model's settings), got list"
+    )
+
+
 def test_merged_phiclip_export_is_standalone_and_equal(tiny_tokenizer_dir, tmp_path):
     # normalize: true has no Llava form, but the merged PhiClip checkpoint keeps every setting.
     checkpoint = phase_two_checkpoint(tiny_tokenizer_dir, tmp_path / "p2", normalize=True)
@@ -307,4 +321,3 @@ def test_merged_phiclip_export_is_standalone_and_equal(tiny_tokenizer_dir, tmp_p
     with torch.no_grad():
         inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         torch.testing.assert_close(merged.eval()(*inputs).logits, unmerged(*inputs).logits, atol=1e-5, rtol=0)
-    assert export_merged  # the function the command line runs, importable for notebooks
