@@ -103,6 +103,13 @@ def _replace_model_files(directory: Path, staging: Path) -> None:
     staging.rmdir()
 
 
+def _too_long(max_length: int, positions: int) -> str:
+    return (
+        f"model.max_length={max_length} is longer than the text model's {positions} positions "
+        "(max_position_embeddings); use at most that"
+    )
+
+
 def load_checkpoint(
     cls: type[nn.Module],
     path: str | Path,
@@ -145,12 +152,15 @@ def load_checkpoint(
         config = PhiClipConfig.from_dict(values, where=str(path / "config.json"))
     except (TypeError, ValueError) as error:
         raise CheckpointError(str(error)) from None
+    # A max_length the caller gives is refused, not capped as a stored one is: before any weight loads where the
+    # LM's positions are known without it (inline, a local or stored directory, a known name), else after.
+    text_source = str(path / "text_model") if "text_model" in config.saved_backbones else config.text_model
+    positions = (backbone_architecture(text_source) or {}).get("max_position_embeddings")
+    if runtime.get("max_length") and positions and runtime["max_length"] > positions:
+        raise ConfigError(_too_long(runtime["max_length"], positions))
     model = cls(config, checkpoint_dir=path, dtype=dtype).requires_grad_(False)  # peft marks what its adapter trains
     if runtime.get("max_length") and runtime["max_length"] > model.config.max_length:  # capped to the LM's positions
-        raise ConfigError(
-            f"model.max_length={runtime['max_length']} is longer than the text model's {model.config.max_length} "
-            "positions (max_position_embeddings); use at most that"
-        )
+        raise ConfigError(_too_long(runtime["max_length"], model.config.max_length))
     for name in ("text", "vision"):
         if getattr(config, f"lora_{name}"):
             lora_dir = path / f"lora_{name}"

@@ -188,8 +188,10 @@ def test_max_length_defaults_to_what_the_language_model_can_take(make_model, tmp
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(stored))  # written before the check existed
     assert PhiClipMLLM.from_pretrained(tmp_path / "ckpt").config.max_length == 512  # still loads, capped
     assert "using 512" in caplog.text
+    caplog.clear()
     with pytest.raises(ConfigError, match="model.max_length=1024 is longer"):  # asked for now: an error
         PhiClipMLLM.from_pretrained(tmp_path / "ckpt", max_length=1024)
+    assert not caplog.text  # and only that: no warning first that it loads as 512 from the checkpoint's file
 
 
 def test_normalized_adapter_gives_unit_vectors_per_image_token(make_model):
