@@ -82,7 +82,8 @@ def read_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, d
 if __name__ == "__main__":
     read_arguments()  # answers --help and bad input before the imports below (~6 s)
 
-import functools  # the heavy imports follow the early argument check above
+import contextlib  # the heavy imports follow the early argument check above
+import functools
 import json
 import logging
 import math
@@ -234,6 +235,10 @@ def meteor_score(references: dict[str, list[str]], predictions: dict[str, list[s
             if scorer.lock.locked():  # compute_score raised holding it; the scorer's __del__ would wait forever
                 scorer.lock.release()
             scorer.meteor_p.kill()
+            # What it never read is still buffered in its pipe, whose closing then fails with "Broken pipe": closed
+            # here, quietly, or the scorer's __del__ printed that as a traceback ("Exception ignored in ...").
+            with contextlib.suppress(OSError):
+                scorer.meteor_p.stdin.close()
             said = scorer.meteor_p.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or said
         logger.warning("no METEOR: its java process failed (%s)", said[0])
         return None

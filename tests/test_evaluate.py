@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import shutil
+import sys
 from collections import Counter
 
 import pytest
@@ -116,6 +119,22 @@ def test_meteor_is_none_with_the_reason_when_its_java_fails(tmp_path, monkeypatc
     java.unlink()
     assert meteor_score({"1": ["a dog"]}, {"1": ["a dog"]}) is None  # no java at all
     assert caplog.records[-1].getMessage() == "no METEOR: its java process failed (no java on PATH)"
+
+
+def test_a_java_process_that_dies_mid_request_leaves_the_warning_only(tmp_path, monkeypatch, caplog):
+    # A JVM gone with a request still buffered for it (killed for memory, say): collecting the scorer printed
+    # "Exception ignored in: <function Meteor.__del__ ...>" and a BrokenPipeError traceback after the warning.
+    java = tmp_path / "java"  # stops reading, says why, ends its output, and is killed by the caller
+    java.write_text("#!/bin/sh\nexec 0<&-\necho 'Killed' >&2\nexec 1>&-\nexec sleep 60\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")  # this java, and the system's sleep
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    _meteor_scorer.cache_clear()
+    assert meteor_score({"1": ["a dog"], "2": ["a cat"]}, {"1": ["a dog"], "2": ["a cat"]}) is None
+    gc.collect()
+    assert [str(u.exc_value) for u in unraisable] == []
+    assert caplog.records[-1].getMessage() == "no METEOR: its java process failed (Killed)"
 
 
 def test_caption_split_keeps_every_reference_and_the_loss_is_per_token(make_model):
