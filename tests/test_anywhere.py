@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,28 @@ def test_the_demo_gives_back_the_working_directory_and_threads_when_it_stops(tmp
         assert Path.cwd() == tmp_path and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_demo_scores_its_captions_without_starting_java(tmp_path, demo_dir, make_model, monkeypatch):
+    # The demo reports exact match and answer accuracy, which no tokenisation changes; its evaluation started
+    # PTB's and METEOR's java (~12 s, the JVM's 1.2 GB kept through phase two's training) to score nothing shown.
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text(f"#!/bin/sh\ntouch {tmp_path / 'java_ran'}\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{java.parent}{os.pathsep}{os.environ['PATH']}")
+    val = [
+        {"format": kind, "annotation_file": str(demo_dir / name), "image_directory": str(demo_dir / "images")}
+        | {"max_samples": 2}
+        for kind, name in (("coco", "captions_val.json"), ("llava", "conversations_val.json"))
+    ]
+
+    def config(path, overrides, phase):  # what run_demo reads of tiny.yaml and tiny_p2.yaml, on the small set
+        return {"checkpoint": {"output_dir": str(tmp_path / phase)}, "data": {"val": val}, "seed": 0}
+
+    monkeypatch.setattr(shapes, "demo_is_current", lambda out: True)
+    monkeypatch.setattr(train, "load_config", config)
+    monkeypatch.setattr(train, "run_training", lambda config, phase: make_model())  # a tiny untrained model
+    figures = train.run_demo()
+    assert figures["val images"] == 2 and "phase two caption exact match" in figures
+    assert not (tmp_path / "java_ran").exists()
