@@ -267,8 +267,12 @@ class ConversationDataset(Dataset):
 
 def _shared_flags(count: int) -> torch.Tensor:
     """`count` booleans, all false, in shared memory: a forked (or spawned) DataLoader worker writes this very
-    memory, not a copy of it."""
-    return torch.zeros(count, dtype=torch.bool).share_memory_()
+    memory, not a copy of it. Where none can be had, this process's own (each worker then names a file again)."""
+    flags = torch.zeros(count, dtype=torch.bool)
+    try:
+        return flags.share_memory_()
+    except RuntimeError:  # /dev/shm full or absent, or the open-file limit reached (one descriptor per dataset):
+        return flags  # fewer repeated warnings are not worth a data set that cannot be built
 
 
 POLICIES = ("skip", "error")

@@ -480,6 +480,22 @@ def test_a_bad_file_is_named_once_over_epochs_of_fresh_workers(zoo, tmp_path):
     assert times == dict.fromkeys(["truncated.jpg", "empty.jpg", "bomb.png", "large.png"], 1), named
 
 
+def test_a_dataset_builds_and_skips_bad_files_without_shared_memory(zoo, monkeypatch, caplog):
+    # The flags that name a bad file once across DataLoader workers live in shared memory; where there is none
+    # (/dev/shm full or missing, the open-file limit reached) building any dataset raised torch's RuntimeError,
+    # also for num_workers 0, which needs no shared memory at all.
+    def no_shared_memory(tensor):
+        raise RuntimeError("unable to open shared memory object </torch_1_2> in read-write mode: No space left")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_shared_memory)
+    ds = zoo_dataset(zoo, "skip")
+    with caplog.at_level(logging.WARNING, logger="dataset"):
+        assert [ds[i]["id"] for i in range(3)] == ["grey.png", "tiny.png", "tiny.png"]
+        assert [ds[i]["id"] for i in range(3)] == ["grey.png", "tiny.png", "tiny.png"]
+    assert caplog.text.count("truncated.jpg") == 1 and caplog.text.count("empty.jpg") == 1
+    assert ds.subset([0, 3]).records[:] == [ds.records[0], ds.records[3]]
+
+
 # ----------------------------------------------------------------------------------------------- epochs
 
 
