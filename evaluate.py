@@ -184,7 +184,7 @@ def caption_scores(
         except PTBUnavailable as error:
             if tokenizer == "ptb":
                 raise
-            logger.warning("BLEU and CIDEr-D tokenised by normalize_caption, not PTB, and no METEOR (%s)", error)
+            logger.warning("BLEU, ROUGE-L and CIDEr-D tokenised by normalize_caption, not PTB; no METEOR (%s)", error)
     if used == "simple":
         tokens = [normalize_caption(text) for text in texts]
     preds, refs, rest = {}, {}, iter(tokens[len(keys) :])

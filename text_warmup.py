@@ -28,7 +28,7 @@ def text_warmup(model: PhiClipMLLM, train_set: ConversationDataset, config: dict
     `describe: false` the image is dropped instead (the LM learns no use of its context; in the demo, phase one
     and phase two then reached far lower exact match, measured before conversations were added). With
     `model.quantize` the LM warms up unquantised (4- or 8-bit weights cannot train) and is quantised after it, as a
-    pre-trained Phi-3 is loaded quantised.
+    pre-trained Phi-3 is loaded quantised: a new LM, on which the caller sets the training switches again.
     """
     settings = config["text_warmup"]
     data = make_dataset(settings["data"], seed=config["seed"]) if settings["data"] else train_set

@@ -102,7 +102,7 @@ def test_caption_scores_name_their_tokenizer_and_fall_back_without_java(tmp_path
         assert ptb["caption_tokenizer"] == "ptb" and ptb["bleu4"] < 0.1 and ptb["bleu3"] == pytest.approx(1.0)
     monkeypatch.setenv("PATH", str(tmp_path))  # no java
     assert caption_scores(predictions, references, "auto") == simple
-    assert "tokenised by normalize_caption, not PTB, and no METEOR (cannot run java" in caplog.text
+    assert "tokenised by normalize_caption, not PTB; no METEOR (cannot run java" in caplog.text
     assert simple["meteor"] is None and simple["rouge_l"] == pytest.approx(1.0)
     with pytest.raises(PTBUnavailable, match="cannot run java"):
         caption_scores(predictions, references, "ptb")
