@@ -16,18 +16,9 @@ import yaml
 from conftest import SHARED_DATA, random_image, require_shared
 
 import generate as generate_cli
+from caption_metrics import PTBUnavailable, _meteor_scorer, meteor_score, ptb_tokenize
 from dataset import SKIPPED, Collator, make_dataset
-from evaluate import (
-    PTBUnavailable,
-    _meteor_scorer,
-    caption_scores,
-    caption_split,
-    evaluate,
-    meteor_score,
-    normalize_caption,
-    ptb_tokenize,
-    validation_loss,
-)
+from evaluate import caption_scores, caption_split, evaluate, normalize_caption, validation_loss
 from model import IMAGE_TOKEN, PhiClipMLLM, generate
 from shapes import make_demo
 
