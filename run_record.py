@@ -76,8 +76,8 @@ def _resume_lines(checkpoint: Path, values: dict, versions: str) -> list[str]:
         ]
     old_versions = re.search(r"^# python .*$", before, re.MULTILINE)
     if old_versions:
-        was = dict(item.split(" ", 1) for item in old_versions[0].removeprefix("# ").split(", "))
-        now = dict(item.split(" ", 1) for item in versions.removeprefix("# ").split(", "))
+        was = dict(item.partition(" ")[::2] for item in old_versions[0].removeprefix("# ").split(", "))
+        now = dict(item.partition(" ")[::2] for item in versions.removeprefix("# ").split(", "))
         changed += [f"{name} {was[name]} -> {now[name]}" for name in now if was.get(name, now[name]) != now[name]]
     note = f" (changed: {', '.join(changed)})" if changed else ""
     return [*earlier, f"# Resumed from {checkpoint}{note}."]

@@ -163,3 +163,11 @@ def test_every_shipped_configs_record_reads_back_as_the_same_config(tmp_path, na
     again = train.load_config(tmp_path / "record.yaml", phase=phase, check_paths=False)
     dropped = ("path", "phase_one", "phase_two")  # the original's data sections are in data.train by now
     assert {k: v for k, v in again.items() if k not in dropped} == {k: v for k, v in config.items() if k not in dropped}
+
+
+def test_a_hand_edited_record_does_not_stop_a_resume_from_being_recorded(tmp_path):
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / RUN_RECORD).write_text("# python 3.11.7, torch\nseed: 1\n")  # a version cut off by hand
+    record = describe_run({"path": "c.yaml", "seed": 1}, "one", checkpoint)
+    assert f"# Resumed from {checkpoint} (changed: torch  -> " in record
